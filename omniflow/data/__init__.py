@@ -1,0 +1,1 @@
+"""Data builders: Hugging Face datasets (streaming or local files) with resumable positions."""

@@ -1,0 +1,1 @@
+"""Training runtime shared by every script: options, launch, checkpoints, logging, hub, export."""
