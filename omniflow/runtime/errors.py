@@ -1,0 +1,48 @@
+"""User-facing errors: one clear line that says what is wrong and where.
+
+Scripts run their ``main`` through :func:`run_main`, which prints such an error as a single
+line on stderr (the full traceback goes to the run's log file) and exits with status 2.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Callable
+
+logger = logging.getLogger("omniflow")
+
+
+class OmniflowError(Exception):
+    """Base class for errors whose message is meant for the user as is."""
+
+
+class ConfigError(OmniflowError, ValueError):
+    """A bad option value, an unknown config key or an inconsistent combination of options."""
+
+
+class DataError(OmniflowError, ValueError):
+    """Unreadable or malformed input data (names the file and, where known, the record)."""
+
+
+class CheckpointError(OmniflowError, ValueError):
+    """A checkpoint or weight file that is missing, corrupt or does not fit the model."""
+
+
+class NonFiniteLossError(OmniflowError, FloatingPointError):
+    """A loss term became NaN or Inf; the message names the step and every term."""
+
+
+# Built-in exceptions whose message already says what and where (a path, a key).
+_USER_FACING = (OmniflowError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Call ``main()``; turn user-facing errors into one stderr line and exit code 2."""
+    try:
+        main()
+    except _USER_FACING as err:
+        logger.debug("".join(traceback.format_exception(err)))
+        name = type(err).__name__
+        print(f"error: {name}: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

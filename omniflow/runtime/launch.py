@@ -1,0 +1,98 @@
+"""Accelerator construction shared by every training script.
+
+``python scripts/X.py`` runs one process (CPU or one GPU); ``accelerate launch --config_file
+accelerate_configs/<cfg>.yaml scripts/X.py`` runs DDP or DeepSpeed ZeRO-2/3. The launch config
+decides the distributed mode; ``--mixed_precision`` overrides its precision when given.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from .errors import ConfigError
+
+logger = logging.getLogger("omniflow")
+
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+
+
+def trackers_for(report_to: str) -> list[str]:
+    names = {"all": ["tensorboard", "wandb"], "none": []}.get(report_to, [report_to])
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for name in names:
+        if importlib.util.find_spec(modules[name]) is None:
+            raise ConfigError(f"--report_to {report_to}: the {name!r} package is not installed (pip install {name})")
+    return names
+
+
+def build_accelerator(
+    output_dir: str | Path,
+    *,
+    mixed_precision: str | None = None,
+    gradient_accumulation_steps: int = 1,
+    report_to: str = "tensorboard",
+    logging_dir: str = "logs",
+    seed: int | None = 0,
+    allow_tf32: bool = True,
+) -> Accelerator:
+    """An Accelerator whose schedulers step once per optimizer step, whatever the process count.
+
+    accelerate's default steps a prepared scheduler ``num_processes`` times per call; we keep
+    schedules in optimizer steps instead (``step_scheduler_with_optimizer=False``) and step
+    them ourselves only after a real optimizer step.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    output_dir = Path(output_dir)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir))
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=trackers_for(report_to) or None,
+        project_config=project,
+        step_scheduler_with_optimizer=False,
+    )
+    if seed is not None:
+        # Different per rank so that noise/dropout differ between ranks; data order is seeded separately.
+        set_seed(seed, device_specific=True)
+    return accelerator
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def set_deepspeed_micro_batch(accelerator: Accelerator, micro_batch_size: int) -> None:
+    """Fill DeepSpeed's ``"auto"`` micro-batch size: our loaders are not passed to ``prepare``."""
+    if uses_deepspeed(accelerator):
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        if config.get("train_batch_size") == "auto":
+            config["train_batch_size"] = (
+                micro_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
+            )
+
+
+def frozen_init_context(accelerator: Accelerator) -> contextlib.ExitStack:
+    """Context for building frozen models so that ZeRO-3 does not partition them.
+
+    Under ZeRO-3 with ``zero3_init_flag`` every module created inside ``from_pretrained`` would be
+    sharded; frozen encoders/decoders are not trained and must stay whole on every rank.
+    """
+    stack = contextlib.ExitStack()
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero3_init_flag:
+        stack.enter_context(plugin.zero3_init_context_manager(enable=False))
+    return stack
+
+
+def autocast_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen modules should be kept in to match the mixed-precision setting."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)

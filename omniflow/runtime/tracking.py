@@ -1,0 +1,111 @@
+"""Run logging: a log file, ``metrics.jsonl``, accelerate trackers (TensorBoard/W&B), throughput."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+logger = logging.getLogger("omniflow")
+
+
+def setup_logging(output_dir: str | Path | None, is_main: bool, log_name: str = "train.log") -> None:
+    """INFO to stderr and ``<output_dir>/<log_name>`` on the main process, warnings only elsewhere."""
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if is_main else logging.WARNING)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if output_dir is not None and is_main:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(Path(output_dir) / log_name)
+        file_handler.setLevel(logging.DEBUG)
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    for noisy in ("transformers", "diffusers", "datasets", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class MetricsWriter:
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and forwards to the trackers."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, filename: str = "metrics.jsonl"):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / filename
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so curves do not double back."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.accelerator.log(values, step=step)
+
+    def log_images(self, name: str, images: torch.Tensor, step: int) -> None:
+        """``images``: (N, C, H, W) floats in [0, 1] or uint8."""
+        if not self.accelerator.is_main_process:
+            return
+        images = images.detach().cpu()
+        if images.dtype != torch.uint8:
+            images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images(name, images, step, dataformats="NCHW")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({name: [wandb.Image(img.permute(1, 2, 0).numpy()) for img in images]}, step=step)
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Throughput:
+    """Samples/s and tokens/s over the interval since the last :meth:`rates` call, summed over ranks."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def update(self, samples: int, tokens: int = 0) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def rates(self) -> dict[str, float]:
+        counts = torch.tensor([self.samples, self.tokens], dtype=torch.float64, device=self.accelerator.device)
+        counts = self.accelerator.reduce(counts, reduction="sum") if self.accelerator.num_processes > 1 else counts
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"samples_per_s": counts[0].item() / elapsed}
+        if counts[1] > 0:
+            out["tokens_per_s"] = counts[1].item() / elapsed
+        if torch.cuda.is_available():
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.reset()
+        return out

@@ -1,0 +1,90 @@
+import json
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from omniflow.data import ResumableLoader, load_hf_dataset
+from omniflow.runtime.errors import DataError
+
+
+def rows(n):
+    return datasets.Dataset.from_dict({"x": list(range(n))})
+
+
+def collate(batch):
+    return [r["x"] for r in batch]
+
+
+def drain(loader, batches):
+    out = []
+    it = iter(loader)
+    for _ in range(batches):
+        out.append(next(it))
+    return out
+
+
+def test_ranks_get_disjoint_equal_shards_of_uneven_data():
+    ds = rows(23)
+    per_rank = [list(ResumableLoader(ds, 4, collate_fn=collate, rank=r, world_size=3)) for r in range(3)]
+    assert [len(b) for b in per_rank] == [1, 1, 1]  # 23 // 3 = 7 samples -> one full batch of 4 each
+    seen = [x for batches in per_rank for b in batches for x in b]
+    assert len(seen) == len(set(seen)) == 12
+
+
+def test_epochs_reshuffle_deterministically():
+    a = ResumableLoader(rows(20), 5, collate_fn=collate, seed=3)
+    b = ResumableLoader(rows(20), 5, collate_fn=collate, seed=3)
+    first, second = list(a), list(a)
+    assert first == list(b) and second == list(b)
+    assert first != second and sorted(sum(first, [])) == list(range(20))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_state_dict_resumes_mid_epoch_exactly(streaming):
+    def make():
+        ds = rows(40)
+        if streaming:
+            ds = ds.to_iterable_dataset(num_shards=4)
+        return ResumableLoader(ds, 4, collate_fn=collate, seed=1, rank=1, world_size=2, shuffle_buffer=8)
+
+    reference = make()
+    expected = list(reference) + list(reference)  # two epochs
+    interrupted = make()
+    head = drain(interrupted, 3)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint stores
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = list(resumed) + list(resumed)
+    assert head + tail == expected
+
+
+def test_too_small_dataset_is_a_clear_error():
+    with pytest.raises(DataError, match="too few for 2 process"):
+        ResumableLoader(rows(3), 4, world_size=2)
+
+
+def test_local_files_load(tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"id": str(i), "text": f"t{i}"}) + "\n" for i in range(3)))
+    assert load_hf_dataset(str(tmp_path), "train")["text"] == ["t0", "t1", "t2"]
+    assert [r["id"] for r in load_hf_dataset(str(tmp_path / "train.jsonl"), "train", streaming=True)] == ["0", "1", "2"]
+    rows(4).to_parquet(tmp_path / "p.parquet")
+    assert load_hf_dataset(str(tmp_path / "p.parquet"))["x"] == [0, 1, 2, 3]
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name, img in (("astronaut", skdata.astronaut()), ("coffee", skdata.coffee())):
+        Image.fromarray(img[::8, ::8]).save(images / f"{name}.png")
+    (images / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{n}.png", "caption": n}) + "\n" for n in ("astronaut", "coffee")))
+    folder = load_hf_dataset(str(images), "train")
+    assert sorted(folder["caption"]) == ["astronaut", "coffee"]
+    assert np.asarray(folder[0]["image"]).ndim == 3
+
+
+def test_missing_local_source_is_clear():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_hf_dataset("./no/such/data")
+    with pytest.raises(DataError, match="unsupported data file type"):
+        load_hf_dataset(__file__)

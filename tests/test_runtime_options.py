@@ -1,0 +1,85 @@
+import json
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import pytest
+
+from omniflow.runtime.errors import ConfigError
+from omniflow.runtime.options import parse_options, save_config
+from omniflow.runtime.run import TrainingOptions
+
+
+@dataclass
+class ModelOptions:
+    hidden_dim: int = field(default=64, metadata={"help": "hidden width"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate", "aliases": ["--learning_rate"]})
+    use_refiner: bool = field(default=False, metadata={"help": "add the refiner"})
+    loss: str = field(default="mse", metadata={"help": "loss", "choices": ["mse", "l1"]})
+    input_types: List[str] = field(default_factory=lambda: ["image"], metadata={"help": "inputs"})
+    max_length: Optional[int] = field(default=None, metadata={"help": "truncate"})
+
+
+def test_defaults_and_cli_types():
+    opts = parse_options(ModelOptions, args=["--hidden_dim", "32", "--use_refiner", "--input_types", "image", "latent"])
+    assert opts.hidden_dim == 32 and opts.use_refiner is True and opts.input_types == ["image", "latent"]
+    assert opts.lr == 1e-4 and opts.max_length is None
+    assert parse_options(ModelOptions, args=["--no-use_refiner"]).use_refiner is False
+
+
+def test_config_file_then_cli_override(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"hidden_dim": 128, "lr": 3e-4, "loss": "l1", "max_length": 77}))
+    opts = parse_options(ModelOptions, args=["--config", str(cfg), "--lr", "1e-3"])
+    assert (opts.hidden_dim, opts.lr, opts.loss, opts.max_length) == (128, 1e-3, "l1", 77)
+
+
+def test_alias_flag_and_alias_key(tmp_path):
+    assert parse_options(ModelOptions, args=["--learning_rate", "0.5"]).lr == 0.5
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"learning_rate": 0.25}))
+    assert parse_options(ModelOptions, args=["--config", str(cfg)]).lr == 0.25
+
+
+def test_seed_config_flag_names(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"hidden_dim": 8}))
+    opts = parse_options(ModelOptions, args=["--load_config", str(cfg)], config_flags=("--config", "--load_config"))
+    assert opts.hidden_dim == 8
+
+
+def test_unknown_key_names_closest(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"hiden_dim": 8}))
+    with pytest.raises(ConfigError, match=r"unknown key 'hiden_dim'.*did you mean 'hidden_dim'"):
+        parse_options(ModelOptions, args=["--config", str(cfg)])
+
+
+def test_bad_values_are_one_clear_error(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"hidden_dim": "wide"}))
+    with pytest.raises(ConfigError, match=r"c.json: key 'hidden_dim' has value 'wide', expected int"):
+        parse_options(ModelOptions, args=["--config", str(cfg)])
+    cfg.write_text(json.dumps({"loss": "huber"}))
+    with pytest.raises(ConfigError, match=r"'huber' is not one of \['mse', 'l1'\]"):
+        parse_options(ModelOptions, args=["--config", str(cfg)])
+    cfg.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"invalid JSON at line 1"):
+        parse_options(ModelOptions, args=["--config", str(cfg)])
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        parse_options(ModelOptions, args=["--config", str(tmp_path / "missing.json")])
+    with pytest.raises(ConfigError, match="--checkpointing_steps must be >= 1"):
+        parse_options(TrainingOptions, args=["--checkpointing_steps", "0"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    model, train = parse_options(ModelOptions, TrainingOptions, args=["--hidden_dim", "16", "--save_interval", "7"])
+    assert train.checkpointing_steps == 7
+    path = save_config(tmp_path / "run" / "config.json", model, train)
+    again_model, again_train = parse_options(ModelOptions, TrainingOptions, args=["--config", str(path)])
+    assert again_model == model and again_train == train
+
+
+def test_every_training_option_has_help():
+    from dataclasses import fields
+
+    assert all(f.metadata.get("help") for f in fields(TrainingOptions))
