@@ -42,6 +42,7 @@ def test_predict_shapes_every_input_and_direction(vae_dirs, photo_dir, direction
     loss.backward()
     assert all(p.grad is not None for p in pipe.module.parameters())
     assert all(p.grad is None and not p.requires_grad for vae in pipe.vaes.values() for p in vae.parameters())
+    assert not any(vae.training for vae in pipe.vaes.values())
 
 
 def test_scaling_and_shift_match_diffusers_and_invert(vae_dirs, photo_dir):
@@ -63,7 +64,8 @@ def test_scaling_and_shift_match_diffusers_and_invert(vae_dirs, photo_dir):
 
 def test_per_channel_latents_mean_std(tmp_path, photo_dir):
     mean, std = [0.1, -0.2, 0.3, 0.0], [1.0, 2.0, 0.5, 1.5]
-    folder = save_tiny_vae(tmp_path / "sdxl_like", 4, seed=2, scaling_factor=0.5, latents_mean=mean, latents_std=std)
+    folder = save_tiny_vae(tmp_path / "sdxl_like", 4, seed=2, scaling_factor=0.5,
+                           latents_mean=mean, latents_std=std)
     vae = load_vae(str(folder), "vae")
     x = to_model_range(photos(photo_dir, 1))
     pipe = AlignPipeline(vae, vae, out_channels=4, **TINY)
@@ -73,6 +75,13 @@ def test_per_channel_latents_mean_std(tmp_path, photo_dir):
     torch.testing.assert_close(pipe.encode_target(x), expected)
     with torch.no_grad():
         torch.testing.assert_close(pipe.decode_target(expected), vae.decode(raw).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_two_latent_normalisations_are_refused():
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, shift_factor=0.1,
+                        latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    with pytest.raises(AlignConfigError, match="both shift_factor and latents_mean"):
+        AlignPipeline(vae, vae, out_channels=4, **{**TINY, "downsample_times": 0})
 
 
 def test_wrong_out_channels_names_expected_count_and_path(vae_dirs):
@@ -138,7 +147,8 @@ def test_losses():
 
 
 def test_config_round_trip(vae_dirs):
-    pipe = make_pipeline(vae_dirs, "vae2_to_vae1", input_types=["latent"], loss_type="weighted_l1", loss_weight=2.0)
+    pipe = make_pipeline(vae_dirs, "vae2_to_vae1", input_types=["latent"], loss_type="weighted_l1",
+                         loss_weight=2.0)
     config = json.loads(json.dumps(pipe.config))
     again = AlignPipeline.from_config(config)
     assert again.config == config

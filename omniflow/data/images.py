@@ -116,7 +116,8 @@ class ImageNetFolderDataset(ImageFolderDataset):
     def _candidates(self) -> list[Path]:
         class_dirs = sorted(p for p in self.root.iterdir() if p.is_dir())
         if not class_dirs:
-            raise ImageFolderError(f"ImageNet layout expects one sub-folder per class under {self.root}, found none")
+            raise ImageFolderError(f"ImageNet layout expects one sub-folder per class under {self.root}, "
+                                   "found none")
         self.classes = [p.name for p in class_dirs]
         return [path for folder in class_dirs for path in _image_files(folder)]
 

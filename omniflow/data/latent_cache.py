@@ -57,7 +57,8 @@ def _key_difference(cached: dict, current: dict) -> str | None:
     if cached.get("format") != current["format"]:
         return f"cache format {cached.get('format')} (now {current['format']})"
     if (cached["num_files"], cached["files_sha256"]) != (current["num_files"], current["files_sha256"]):
-        return f"the image files changed ({cached['num_files']} cached, {current['num_files']} now, or names/sizes differ)"
+        return (f"the image files changed ({cached['num_files']} cached, {current['num_files']} now, "
+                "or names/sizes differ)")
     if cached["resolution"] != current["resolution"]:
         return f"resolution {cached['resolution']} (now {current['resolution']})"
     for key, now in current["vaes"].items():
@@ -66,7 +67,9 @@ def _key_difference(cached: dict, current: dict) -> str | None:
             if then.get(field) != now[field]:
                 if field == "source":
                     return f"{key} source changed ({then.get(field)} cached, {now[field]} now)"
-                was, new = (str(then.get(field))[:12], now[field][:12]) if field == "config_sha256" else (then.get(field), now[field])
+                was, new = str(then.get(field)), now[field]
+                if field == "config_sha256":
+                    was, new = was[:12], new[:12]
                 return f"{key} {field} changed ({was} cached, {new} now) for {now['source']}"
     return None
 

@@ -83,15 +83,15 @@ def latent_affine(vae: AutoencoderKL) -> tuple[torch.Tensor, torch.Tensor]:
     ``(mean - latents_mean) * scaling_factor / latents_std``).
     """
     cfg = vae.config
-    channel_stats = getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None
-    if channel_stats and getattr(cfg, "shift_factor", None) is not None:
+    channel_stats = cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None
+    if channel_stats and cfg.get("shift_factor") is not None:
         raise AlignConfigError(f"VAE {_vae_name(vae)} sets both shift_factor and latents_mean/std; "
                                "only one latent normalisation is supported")
     if channel_stats:
         shift = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
         scale = cfg.scaling_factor / torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1)
         return shift, scale
-    shift = cfg.shift_factor if getattr(cfg, "shift_factor", None) is not None else 0.0
+    shift = cfg.get("shift_factor") or 0.0
     return torch.tensor(float(shift)), torch.tensor(float(cfg.scaling_factor))
 
 
@@ -139,7 +139,7 @@ class AlignModule(nn.Module):
                  input_types: tuple[str, ...] | list[str] = INPUT_TYPES):
         super().__init__()
         input_types = tuple(input_types)
-        if not input_types or len(set(input_types)) != len(input_types) or not set(input_types) <= set(INPUT_TYPES):
+        if not input_types or len(set(input_types)) < len(input_types) or not set(input_types) <= set(INPUT_TYPES):
             raise AlignConfigError(f"input_types must be a non-empty subset of {INPUT_TYPES}, got {input_types}")
         if "latent" in input_types and not latent_channels:
             raise AlignConfigError("input_types includes 'latent' but latent_channels is not set")
@@ -204,7 +204,8 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "mse"
     aligned, although the decoder is sensitive to all of them.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} does not match target latent shape {tuple(target.shape)}")
+        raise ValueError(f"prediction shape {tuple(pred.shape)} does not match "
+                         f"target latent shape {tuple(target.shape)}")
     pred, target = pred.float(), target.float()
     if loss_type == "mse":
         loss = F.mse_loss(pred, target)
@@ -243,6 +244,8 @@ class AlignPipeline:
         self.direction, self.loss_type, self.loss_weight = direction, loss_type, loss_weight
         self.source_key, self.target_key = ("vae1", "vae2") if direction == "vae1_to_vae2" else ("vae2", "vae1")
         source, target = self.source_vae, self.target_vae
+        for vae in (source, target):
+            latent_affine(vae)  # refuses an ambiguous latent normalisation now rather than mid-run
         target_name = f"{self.target_key} {self.sources[self.target_key]}"
         if out_channels != target.config.latent_channels:
             raise AlignConfigError(f"out_channels={out_channels} but the target VAE {target_name} has "
@@ -272,10 +275,11 @@ class AlignPipeline:
     def from_config(cls, config: dict, cache_dir: str | None = None,
                     vae_dtype: torch.dtype = torch.float32) -> "AlignPipeline":
         """Rebuild from :attr:`config` (loads the VAEs; the module weights are loaded separately)."""
-        module = {k: v for k, v in config["module"].items() if k != "latent_channels"}
-        return cls.from_pretrained(config["vae1"]["path"], config["vae2"]["path"], config["vae1"]["subfolder"],
-                                   config["vae2"]["subfolder"], cache_dir, vae_dtype, direction=config["direction"],
-                                   loss_type=config["loss_type"], loss_weight=config["loss_weight"], **module)
+        module = {k: v for k, v in config["module"].items() if k != "latent_channels"}  # read from the VAE
+        vae1, vae2 = config["vae1"], config["vae2"]
+        return cls.from_pretrained(vae1["path"], vae2["path"], vae1["subfolder"], vae2["subfolder"], cache_dir,
+                                   vae_dtype, direction=config["direction"], loss_type=config["loss_type"],
+                                   loss_weight=config["loss_weight"], **module)
 
     @property
     def config(self) -> dict:
@@ -317,17 +321,16 @@ class AlignPipeline:
 
     def predict(self, images: torch.Tensor | None, source_latent: torch.Tensor | None = None) -> torch.Tensor:
         """The aligned (target-space) latent; encodes the source latent when it is needed and not given."""
-        uses = self.input_types
         image = None
-        if "image" in uses:
+        if "image" in self.input_types:
             if images is None:
                 raise ValueError("this alignment module takes images, but predict() got images=None")
             image = (to_model_range(images) if images.dtype == torch.uint8 else images).to(self.device)
-        if "latent" in uses and source_latent is None:
+        if "latent" in self.input_types and source_latent is None:
             if images is None:
                 raise ValueError("predict() needs images or source_latent")
             source_latent = self.encode_source(images)
-        latent = None if source_latent is None or "latent" not in uses else source_latent.to(self.device)
+        latent = None if source_latent is None or "latent" not in self.input_types else source_latent.to(self.device)
         return self.module(image=image, latent=latent)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
