@@ -243,7 +243,9 @@ def _state_from_torchscript(path: Path, net: nn.Module) -> dict[str, torch.Tenso
     weight/beta/mean/var, no BN scale) onto torchvision names, conv by conv in graph order."""
     from torchvision.models.inception import BasicConv2d
 
-    source = torch.jit.load(str(path), map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # torch marks jit.load deprecated; it is the format these files use
+        warnings.simplefilter("ignore", FutureWarning)
+        source = torch.jit.load(str(path), map_location="cpu").state_dict()
     convs = [k[: -len(".weight")] for k in source if k.endswith(".weight")]
     targets = [name for name, m in net.named_modules() if isinstance(m, BasicConv2d)]
     if len(convs) != len(targets):
