@@ -10,6 +10,7 @@ words, punctuation dropped) for hypothesis and references alike.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import math
 from collections import Counter
@@ -27,11 +28,16 @@ class TextMetricInputError(ValueError):
     """Predictions/references are malformed (length mismatch, missing or empty references)."""
 
 
-def tokenize(text: str) -> list[str]:
-    """Lowercased Treebank word tokens without pure-punctuation tokens (needs no NLTK data)."""
-    from nltk.tokenize import NLTKWordTokenizer
+@functools.cache
+def _word_tokenizer():
+    from nltk.tokenize import NLTKWordTokenizer  # the word step of nltk.word_tokenize; needs no NLTK data
 
-    return [tok for tok in NLTKWordTokenizer().tokenize(text.lower()) if any(c.isalnum() for c in tok)]
+    return NLTKWordTokenizer()
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercased Treebank word tokens without pure-punctuation tokens."""
+    return [tok for tok in _word_tokenizer().tokenize(text.lower()) if any(c.isalnum() for c in tok)]
 
 
 def validate_inputs(
