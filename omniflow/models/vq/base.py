@@ -141,7 +141,8 @@ def _count(module: nn.Module) -> tuple[int, int, int]:
 
 
 # Quantizer options every family accepts (see quantizers.VectorQuantizer).
-QUANTIZER_OPTIONS: dict[str, Any] = {"l2_normalize": False, "code_dim": None, "dead_code_steps": 0}
+QUANTIZER_OPTIONS: dict[str, Any] = {"l2_normalize": False, "code_dim": None, "dead_code_steps": 0,
+                                     "init_from_data": True}
 
 
 def quantizer_options(args: Mapping[str, Any]) -> dict[str, Any]:

@@ -77,6 +77,8 @@ class VectorQuantizer(nn.Module):
         l2_normalize: compare and store unit-norm vectors (cosine-similarity codes).
         dead_code_steps: restart a code after it went unused for this many consecutive
             training steps (summed over ranks); 0 disables restarts.
+        init_from_data: on the first training step, set every code to a random encoder
+            output of that batch; codes far from the data would otherwise never be picked.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class VectorQuantizer(nn.Module):
         code_dim: int | None = None,
         l2_normalize: bool = False,
         dead_code_steps: int = 0,
+        init_from_data: bool = True,
     ) -> None:
         super().__init__()
         if num_codes < 1 or input_dim < 1:
@@ -102,7 +105,13 @@ class VectorQuantizer(nn.Module):
         self.out_proj = nn.Linear(self.code_dim, input_dim) if factorised else nn.Identity()
         if dead_code_steps > 0:
             self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long))
+        self.register_buffer("initialized", torch.tensor(not init_from_data))
         self._init_codebook()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # Weights saved without the flag (e.g. taming checkpoints) hold a trained codebook.
+        state_dict.setdefault(prefix + "initialized", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- codebook storage: overridden by the EMA variant, which keeps it in buffers --
     def _init_codebook(self) -> None:
@@ -142,6 +151,9 @@ class VectorQuantizer(nn.Module):
         b, _, h, w = z.shape
         flat_in = z.float().permute(0, 2, 3, 1).reshape(-1, self.input_dim)
         flat = self._normalize(self.in_proj(flat_in))
+        if self.training and not bool(self.initialized):
+            self._set_codes(torch.ones(self.num_codes, dtype=torch.bool, device=flat.device), flat.detach())
+            self.initialized.fill_(True)
         codes = self.codebook()
         with torch.no_grad():  # the assignment is discrete; gradients flow through the loss
             indices = self._assign(flat.detach(), codes)
@@ -165,14 +177,16 @@ class VectorQuantizer(nn.Module):
     def _restart_dead_codes(self, flat: torch.Tensor, global_counts: torch.Tensor) -> None:
         self.unused_steps.add_(1).masked_fill_(global_counts > 0, 0)
         dead = self.unused_steps >= self.dead_code_steps
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
+        if dead.any():
+            self._set_codes(dead, flat)
+            self.unused_steps.masked_fill_(dead, 0)
+
+    @torch.no_grad()
+    def _set_codes(self, mask: torch.Tensor, flat: torch.Tensor) -> None:
+        """Replace the masked codes by random rows of ``flat``, identical on every rank."""
+        picks = torch.randint(0, flat.shape[0], (int(mask.sum()),), device=flat.device)
         # Rank 0 picks the replacement encoder outputs so all ranks install the same codes.
-        picks = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
-        new_codes = _broadcast_from_rank0(flat[picks].contiguous())
-        self._replace_codes(dead, new_codes)
-        self.unused_steps.masked_fill_(dead, 0)
+        self._replace_codes(mask, _broadcast_from_rank0(flat[picks].contiguous()))
 
     @torch.no_grad()
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
