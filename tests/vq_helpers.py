@@ -47,7 +47,7 @@ def photo_batch(size: int = 32, names: tuple[str, ...] = PHOTOS[:4]) -> torch.Te
 
 def panning_frames(count: int, height: int = 64, width: int = 96, step: int = 8) -> list[np.ndarray]:
     """Frames of a camera panning across the astronaut photo by ``step`` pixels per frame."""
-    photo = photo_uint8("astronaut", 256, 256)
+    photo = photo_uint8("astronaut", 256, width + step * count)
     return [np.ascontiguousarray(photo[60:60 + height, i * step:i * step + width]) for i in range(count)]
 
 

@@ -93,10 +93,10 @@ def load_image_uint8(path: PathLike, size: Size = None) -> np.ndarray:
             if hw is not None:
                 cover_h, cover_w = _cover_size(image.height, image.width, *hw)
                 image = image.resize((cover_w, cover_h), Image.Resampling.BICUBIC)
-            array = np.asarray(image)
+            array = np.array(image)  # a writable copy: torch.from_numpy refuses read-only arrays
     except (OSError, UnidentifiedImageError) as err:
         raise UnusableFileError(f"cannot read image {path}: {err}") from err
-    return _center_crop(array, *hw) if hw is not None else array
+    return np.ascontiguousarray(_center_crop(array, *hw)) if hw is not None else array
 
 
 def _frame_count(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
