@@ -140,3 +140,9 @@ def test_summarize_parameters_counts_each_top_level_module():
     assert rows["encoder"] == f"{sum(p.numel() for p in model.encoder.parameters()):,}"
     assert rows["total"] == f"{sum(p.numel() for p in model.parameters()):,}"
     assert "quantize" in rows
+
+
+def test_taming_lossconfig_is_checked_when_the_model_is_built():
+    with pytest.raises(VQConfigError, match="lossconfig.params: unknown key 'disc_weigth'; did you mean 'disc_weight'"):
+        build_vq_model("TamingVQGAN", {"ddconfig": TINY_CONFIGS["EMAVQ"]["ddconfig"],
+                                       "lossconfig": {"params": {"disc_weigth": 0.8}}})

@@ -125,3 +125,21 @@ def test_image_folder_frames(tmp_path):
     assert dataset[2]["frames"].shape == (1, 32, 32, 3)  # 60x90 covers 32x32 and is centre-cropped
     broken = dataset[1]
     assert broken["skipped"] >= 1 and broken["path"] != files[1]
+
+
+def test_image_mode_sequences_draw_seeded_random_images(tmp_path):
+    names = ("astronaut", "coffee", "rocket", "chelsea")
+    for name in names:
+        Image.fromarray(photo_uint8(name, 32, 32)).save(tmp_path / f"{name}.png")
+    files = list_images(tmp_path)
+    dataset = ImageFrameDataset(files, size=32, sequence_length=3, seed=5)
+    drawn = set()
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        item = dataset[1]
+        assert item["frames"].shape == (3, 32, 32, 3) and item["path"] == files[1]
+        np.testing.assert_array_equal(item["frames"][0].numpy(), np.asarray(Image.open(files[1])))
+        torch.testing.assert_close(dataset[1]["frames"], item["frames"])
+        for frame in item["frames"][1:].numpy():
+            drawn.add(next(i for i, f in enumerate(files) if np.array_equal(frame, np.asarray(Image.open(f)))))
+    assert len(drawn) > 1

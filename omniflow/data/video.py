@@ -186,16 +186,21 @@ class _SkippingDataset(Dataset):
     def _load(self, path: str, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> dict[str, object]:
+    def _load_with_retries(self, index: int, key: tuple[int, ...]) -> tuple[np.ndarray, str, int]:
+        """(array, path, skipped) from file ``index`` or, if unusable, from seeded replacements.
+
+        Each attempt's generator depends only on (seed, epoch, *key, attempt), and the
+        replacement is drawn before the file is read, so results never depend on which files
+        this worker already knew to be bad.
+        """
         candidate = index
         for attempt in range(self.max_retries + 1):
-            rng = np.random.default_rng([self.seed, self.epoch, index, attempt])
-            replacement = int(rng.integers(len(self.files)))  # drawn first so the rest never shifts it
+            rng = np.random.default_rng([self.seed, self.epoch, *key, attempt])
+            replacement = int(rng.integers(len(self.files)))
             path = self.files[candidate]
             if path not in self._known_bad:
                 try:
-                    frames = self._load(path, rng)
-                    return {"frames": torch.from_numpy(frames), "path": path, "skipped": attempt}
+                    return self._load(path, rng), path, attempt
                 except UnusableFileError as err:
                     self._known_bad.add(path)
                     log.warning("skipping %s", err)
@@ -217,16 +222,35 @@ class VideoClipDataset(_SkippingDataset):
     def _load(self, path: str, rng: np.random.Generator) -> np.ndarray:
         return read_clip(path, self.sequence_length, self.size, rng)
 
+    def __getitem__(self, index: int) -> dict[str, object]:
+        clip, path, skipped = self._load_with_retries(index, (index,))
+        return {"frames": torch.from_numpy(clip), "path": path, "skipped": skipped}
+
 
 class ImageFrameDataset(_SkippingDataset):
-    """Single images as one-frame clips, uint8 (1, h, w, 3), so both modes share the batch layout."""
+    """Images as pseudo-clips, uint8 (d, h, w, 3), so image and video batches share one layout.
 
-    def __init__(self, files: Sequence[PathLike], size: Size = None, seed: int = 0, max_retries: int = 8) -> None:
+    Item ``i`` is image ``i`` followed by ``sequence_length - 1`` images drawn at random
+    (seeded per epoch and index), as the seed project's image mode did; the default is one.
+    """
+
+    def __init__(self, files: Sequence[PathLike], size: Size = None, sequence_length: int = 1, seed: int = 0,
+                 max_retries: int = 8) -> None:
         super().__init__(files, seed, max_retries)
+        if sequence_length < 1:
+            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
+        self.sequence_length = sequence_length
         self.size = _as_hw(size)
 
     def _load(self, path: str, rng: np.random.Generator) -> np.ndarray:
-        return load_image_uint8(path, self.size)[None]
+        return load_image_uint8(path, self.size)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        others = np.random.default_rng([self.seed, self.epoch, index]).integers(len(self.files),
+                                                                                 size=self.sequence_length - 1)
+        loaded = [self._load_with_retries(int(pick), (index, slot)) for slot, pick in enumerate([index, *others])]
+        frames = np.stack([array for array, _, _ in loaded])
+        return {"frames": torch.from_numpy(frames), "path": loaded[0][1], "skipped": sum(s for _, _, s in loaded)}
 
 
 def frames_to_model_input(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

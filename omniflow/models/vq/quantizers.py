@@ -134,7 +134,7 @@ class VectorQuantizer(nn.Module):
         commitment_term = F.mse_loss(flat, quantized.detach())
         return codebook_term + self.beta * commitment_term
 
-    def _update_codebook(self, flat: torch.Tensor, one_hot_counts: torch.Tensor, indices: torch.Tensor) -> None:
+    def _update_codebook(self, flat: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor) -> None:
         """Hook for statistics-based codebook updates (EMA); gradient codebooks do nothing."""
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +234,8 @@ class EMAVectorQuantizer(VectorQuantizer):
         sums.index_add_(0, indices, flat)
         all_reduce_sum(sums)
         decay = self.decay
-        cluster_size = self.cluster_size.float().mul_(decay).add_(counts, alpha=1 - decay)
-        embed_avg = self.embed_avg.float().mul_(decay).add_(sums, alpha=1 - decay)
+        cluster_size = decay * self.cluster_size.float() + (1 - decay) * counts
+        embed_avg = decay * self.embed_avg.float() + (1 - decay) * sums
         total = cluster_size.sum()
         smoothed = (cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
         self.cluster_size.copy_(cluster_size)

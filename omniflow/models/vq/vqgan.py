@@ -3,8 +3,8 @@
 Module and parameter names follow the taming-transformers layout (``encoder.down.0.block.0``,
 ``quant_conv``, ``quantize.embedding.weight``...) so its released ``VQModel`` weights map onto
 this model. ``model_variant`` picks the codebook: ``VQModel`` learns it by gradient,
-``EMAVQ`` by moving averages. ``lossconfig`` is kept in the config for the loss builder
-(see ``losses.VQGANLoss.from_lossconfig``); the model itself holds no loss.
+``EMAVQ`` by moving averages. ``lossconfig`` is checked and kept in the config for
+``losses.build_vq_loss``; the model itself holds no loss.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import QUANTIZER_OPTIONS, VQConfigError, VQEncoding, VQTokenizer, quantizer_options, resolve_args
+from .losses import lossconfig_to_kwargs
 from .quantizers import build_quantizer
 
 DDCONFIG_DEFAULTS: dict[str, Any] = {
@@ -205,6 +206,8 @@ class TamingVQGAN(VQTokenizer):
         args["ddconfig"] = resolve_args("TamingVQGAN ddconfig", args["ddconfig"] or {}, DDCONFIG_DEFAULTS)
         cfg = args["ddconfig"]
         _check_ddconfig(cfg)
+        if args["lossconfig"]:
+            lossconfig_to_kwargs(args["lossconfig"])  # fail at build time, not when the loss is made
         variant = args["model_variant"]
         if variant not in VARIANTS:
             raise VQConfigError(f"TamingVQGAN model_args: model_variant must be one of {sorted(VARIANTS)}, got {variant!r}")
