@@ -165,6 +165,7 @@ def test_generator_and_discriminator_objectives_on_a_real_model(empty_hub):
     torch.testing.assert_close(total, rec + vq_loss + terms["d_weight"] * terms["g_loss"])
     total.backward()
     assert model.get_last_layer().grad is not None
+    assert all(p.grad is None for p in loss.discriminator.parameters())  # the generator step leaves D alone
 
     model.zero_grad()
     d_loss, d_terms = loss.discriminator_loss(x, recon, step=3)

@@ -184,7 +184,7 @@ class VQGANLoss(nn.Module):
         total = rec + self.codebook_weight * vq_loss
         terms.update(rec=rec, vq=vq_loss)
         if self.gan_active(step):
-            g_loss = generator_adversarial_loss(self.discriminator(recon).float(), self.disc_loss)
+            g_loss = generator_adversarial_loss(self._judge_without_grads(recon).float(), self.disc_loss)
             weight = torch.tensor(self.disc_weight, device=total.device)
             if self.adaptive_weight and last_layer is not None and torch.is_grad_enabled() and rec.requires_grad:
                 weight = adaptive_generator_weight(rec, g_loss, last_layer) * self.disc_weight
@@ -192,6 +192,17 @@ class VQGANLoss(nn.Module):
             terms.update(g_loss=g_loss, d_weight=weight, disc_factor=torch.tensor(self.disc_factor))
         terms["total"] = total
         return total, {key: value.detach() for key, value in terms.items()}
+
+    def _judge_without_grads(self, images: torch.Tensor) -> torch.Tensor:
+        """Discriminator logits whose backward reaches ``images`` but not the discriminator."""
+        trainable = [p for p in self.discriminator.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            return self.discriminator(images)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
 
     def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,
                            step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
