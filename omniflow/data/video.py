@@ -167,10 +167,15 @@ def _frame_to_array(frame: av.VideoFrame, hw: tuple[int, int] | None) -> np.ndar
 class _SkippingDataset(Dataset):
     """Shared retry logic: an unusable file is replaced by another, drawn from a seeded generator."""
 
-    def __init__(self, files: Sequence[PathLike], seed: int = 0, max_retries: int = 8) -> None:
+    def __init__(self, files: Sequence[PathLike], sequence_length: int, size: Size, seed: int,
+                 max_retries: int) -> None:
         if not files:
             raise DataFolderError("dataset got an empty file list")
+        if sequence_length < 1:
+            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
         self.files = [str(f) for f in files]
+        self.sequence_length = sequence_length
+        self.size = _as_hw(size)
         self.seed = seed
         self.epoch = 0
         self.max_retries = max_retries
@@ -213,11 +218,7 @@ class VideoClipDataset(_SkippingDataset):
 
     def __init__(self, files: Sequence[PathLike], sequence_length: int, size: Size = None, seed: int = 0,
                  max_retries: int = 8) -> None:
-        super().__init__(files, seed, max_retries)
-        if sequence_length < 1:
-            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
-        self.sequence_length = sequence_length
-        self.size = _as_hw(size)
+        super().__init__(files, sequence_length, size, seed, max_retries)
 
     def _load(self, path: str, rng: np.random.Generator) -> np.ndarray:
         return read_clip(path, self.sequence_length, self.size, rng)
@@ -236,11 +237,7 @@ class ImageFrameDataset(_SkippingDataset):
 
     def __init__(self, files: Sequence[PathLike], size: Size = None, sequence_length: int = 1, seed: int = 0,
                  max_retries: int = 8) -> None:
-        super().__init__(files, seed, max_retries)
-        if sequence_length < 1:
-            raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
-        self.sequence_length = sequence_length
-        self.size = _as_hw(size)
+        super().__init__(files, sequence_length, size, seed, max_retries)
 
     def _load(self, path: str, rng: np.random.Generator) -> np.ndarray:
         return load_image_uint8(path, self.size)
