@@ -1,0 +1,205 @@
+import logging
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from omniflow.models.vq import VQConfigError, build_vq_model
+from omniflow.models.vq.losses import (NLayerDiscriminator, VQGANLoss, adaptive_generator_weight, build_vq_loss,
+                                       generator_adversarial_loss, hinge_d_loss, lossconfig_to_kwargs,
+                                       reconstruction_loss, vanilla_d_loss)
+from omniflow.models.vq.perceptual import PerceptualWeightsError, build_lpips, cached_backbone_path
+from vq_helpers import TINY_CONFIGS, photo_batch
+
+
+@pytest.fixture
+def empty_hub(tmp_path):
+    """A torch hub cache with no backbone weights in it."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
+def _blurred(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def test_patchgan_discriminator_gives_one_logit_per_patch():
+    disc = NLayerDiscriminator(in_channels=3, ndf=8, n_layers=3)
+    assert disc(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(abs(c.weight.std().item() - 0.02) < 0.01 for c in convs[1:])
+
+
+def test_hinge_and_vanilla_losses_match_their_definitions():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    # hinge: real relu(1 - [2, .5]) = [0, .5], fake relu(1 + [-2, .5]) = [0, 1.5]
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.75))
+    expected = 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+    assert vanilla_d_loss(real, fake).item() == pytest.approx(expected.item())
+    assert generator_adversarial_loss(fake, "hinge").item() == pytest.approx(0.75)
+    assert generator_adversarial_loss(fake, "vanilla").item() == pytest.approx(F.softplus(-fake).mean().item())
+
+
+def test_reconstruction_losses():
+    a, b = torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5)
+    assert reconstruction_loss(a, b, "l1").item() == pytest.approx(0.5)
+    assert reconstruction_loss(a, b, "mse").item() == pytest.approx(0.25)
+    with pytest.raises(VQConfigError, match="'l1' or 'mse'"):
+        reconstruction_loss(a, b, "l2")
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
+    last = torch.nn.Parameter(torch.ones(3))
+    rec_loss = (torch.tensor([3.0, 0.0, 4.0]) * last).sum()  # gradient norm 5
+    g_loss = (torch.tensor([0.0, 2.0, 0.0]) * last).sum()  # gradient norm 2
+    weight = adaptive_generator_weight(rec_loss, g_loss, last)
+    assert weight.item() == pytest.approx(5.0 / (2.0 + 1e-4))
+    assert not weight.requires_grad
+    tiny_g = (1e-12 * last).sum()
+    assert adaptive_generator_weight(rec_loss, tiny_g, last, max_weight=100.0).item() == 100.0
+
+
+def test_offline_lpips_uses_a_random_backbone_and_says_so_once(empty_hub, caplog):
+    with caplog.at_level(logging.WARNING, logger="omniflow.models.vq.perceptual"):
+        lpips_net = build_lpips("alex", offline=True)
+    assert lpips_net.random_backbone
+    warnings = [r for r in caplog.records if r.name == "omniflow.models.vq.perceptual"]
+    assert len(warnings) == 1 and "RANDOM backbone" in warnings[0].getMessage()
+    x = photo_batch(32, ("astronaut", "coffee"))
+    assert lpips_net(x, x).abs().max().item() < 1e-6
+    assert (lpips_net(x, _blurred(x)) > 0).all()
+    assert not any(p.requires_grad for p in lpips_net.parameters())
+
+
+def _alexnet_features_state(seed):
+    torch.manual_seed(seed)
+    return {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_lpips_backbone_from_a_local_weights_file(tmp_path, empty_hub, suffix, caplog):
+    state = _alexnet_features_state(3)
+    path = tmp_path / f"alexnet{suffix}"
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    with caplog.at_level(logging.WARNING):
+        lpips_net = build_lpips("alex", weights_path=path, offline=True)
+    assert not lpips_net.random_backbone and not caplog.records
+    torch.testing.assert_close(lpips_net.net.slice1[0].weight, state["features.0.weight"])
+    torch.testing.assert_close(lpips_net.net.slice5.get_submodule("10").bias, state["features.10.bias"])
+
+
+def test_lpips_backbone_from_the_torch_hub_cache(empty_hub):
+    target = cached_backbone_path("alex")
+    target.parent.mkdir(parents=True)
+    torch.save(_alexnet_features_state(4), target)
+    assert not build_lpips("alex", offline=True).random_backbone
+
+
+def test_lpips_weight_problems_are_clear_errors(tmp_path, empty_hub, monkeypatch):
+    with pytest.raises(PerceptualWeightsError, match="not found: .*missing.pth"):
+        build_lpips("alex", weights_path=tmp_path / "missing.pth")
+    partial = {k: v for k, v in _alexnet_features_state(5).items() if not k.startswith("features.8.")}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(PerceptualWeightsError, match="lack 'features.8.weight'"):
+        build_lpips("alex", weights_path=tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="LPIPS net must be one of"):
+        build_lpips("resnet")
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(PerceptualWeightsError, match="cannot download the LPIPS alex backbone.*pass weights_path"):
+        build_lpips("alex", offline=False)
+
+
+def test_seed_lossconfig_translates_and_bad_ones_fail():
+    seed = {"target": "models.taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+            "params": {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 10000, "disc_weight": 0.8,
+                       "codebook_weight": 1.0, "pixelloss_weight": 0.5}}
+    kwargs = lossconfig_to_kwargs(seed)
+    assert kwargs["disc_start"] == 10000 and kwargs["disc_weight"] == 0.8 and kwargs["pixel_weight"] == 0.5
+    with pytest.raises(VQConfigError, match="not supported"):
+        lossconfig_to_kwargs({"target": "mylib.OtherLoss"})
+    with pytest.raises(VQConfigError, match="disc_conditional=true"):
+        lossconfig_to_kwargs({"params": {"disc_conditional": True}})
+    with pytest.raises(VQConfigError, match="did you mean 'disc_start'"):
+        lossconfig_to_kwargs({"params": {"disc_strat": 5}})
+    with pytest.raises(VQConfigError, match="needs a perceptual network"):
+        VQGANLoss(perceptual_weight=1.0)
+
+
+def test_gan_schedule_disc_start_and_every_third_step():
+    loss = VQGANLoss(perceptual_weight=0.0, disc_start=2, disc_every=3, disc_ndf=8)
+    assert [loss.gan_active(s) for s in range(5)] == [False, False, True, True, True]
+    assert [loss.discriminator_step_due(s) for s in range(8)] == [False, False, False, True, False, False, True, False]
+    assert not VQGANLoss(perceptual_weight=0.0, use_gan=False).discriminator_step_due(3)
+
+
+def test_generator_and_discriminator_objectives_on_a_real_model(empty_hub):
+    torch.manual_seed(0)
+    model = build_vq_model("TamingVQGAN", TINY_CONFIGS["TamingVQGAN"]).train()
+    loss = build_vq_loss({"params": {"disc_start": 1, "disc_ndf": 8, "disc_weight": 0.8}}, lpips_net="alex",
+                         offline=True).train()
+    assert not loss.perceptual.training  # LPIPS stays a fixed metric
+    x = photo_batch(32, ("astronaut", "chelsea"))
+    vq_loss, recon, _, _ = model(x)
+
+    total, terms = loss.generator_loss(x, recon, vq_loss, step=0, last_layer=model.get_last_layer())
+    assert "g_loss" not in terms  # before disc_start
+    torch.testing.assert_close(total, terms["pixel"] + terms["perceptual"] + vq_loss)
+    with pytest.raises(RuntimeError, match="before disc_start=1"):
+        loss.discriminator_loss(x, recon, step=0)
+
+    total, terms = loss.generator_loss(x, recon, vq_loss, step=1, last_layer=model.get_last_layer())
+    rec = terms["pixel"] + terms["perceptual"]
+    assert terms["d_weight"].item() > 0 and terms["disc_factor"].item() == 1.0
+    torch.testing.assert_close(total, rec + vq_loss + terms["d_weight"] * terms["g_loss"])
+    total.backward()
+    assert model.get_last_layer().grad is not None
+    assert all(p.grad is None for p in loss.discriminator.parameters())  # the generator step leaves D alone
+
+    model.zero_grad()
+    d_loss, d_terms = loss.discriminator_loss(x, recon, step=3)
+    d_loss.backward()
+    assert set(d_terms) == {"d_loss", "logits_real", "logits_fake"}
+    assert all(p.grad is None for p in model.parameters())  # reconstructions are detached
+    assert all(p.grad is not None for p in loss.discriminator.parameters())
+
+
+def test_adaptive_weight_inside_the_loss_matches_the_formula():
+    torch.manual_seed(0)
+    model = build_vq_model("VqVae", TINY_CONFIGS["VqVae"]).train()
+    loss = VQGANLoss(perceptual_weight=0.0, disc_ndf=8, disc_weight=0.5, pixel_loss="mse")
+    x = photo_batch(32, ("coffee", "rocket"))
+    vq_loss, recon, _, _ = model(x)
+    _, terms = loss.generator_loss(x, recon, vq_loss, step=0, last_layer=model.get_last_layer())
+    last = model.get_last_layer()
+    rec_grad = torch.autograd.grad(F.mse_loss(recon, x), last, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(-loss.discriminator(recon).mean(), last, retain_graph=True)[0]
+    expected = 0.5 * rec_grad.norm() / (g_grad.norm() + 1e-4)
+    torch.testing.assert_close(terms["d_weight"], expected)
+
+
+def test_discriminator_learns_to_separate_photos_from_blurred_copies():
+    torch.manual_seed(0)
+    loss = VQGANLoss(perceptual_weight=0.0, disc_ndf=8)
+    optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    x = photo_batch(32)
+    fake = _blurred(x)
+    history = []
+    for _ in range(15):
+        d_loss, _ = loss.discriminator_loss(x, fake, step=0)
+        optimizer.zero_grad()
+        d_loss.backward()
+        optimizer.step()
+        history.append(d_loss.item())
+    assert history[-1] < 0.5 * history[0]
