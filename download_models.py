@@ -28,6 +28,7 @@ from omniflow.runtime.hub import (
     HUB_ERRORS,
     MODELS,
     HubModel,
+    access_refused,
     describe_error,
     hf_token,
     is_offline,
@@ -77,24 +78,27 @@ def select_models(names: list[str] | None, repo_id: str | None) -> list[HubModel
     return chosen
 
 
+def _marker_record(model: HubModel) -> dict:
+    return {"repo_id": model.repo_id,
+            "allow_patterns": list(model.allow_patterns) if model.allow_patterns else None,
+            "ignore_patterns": list(model.ignore_patterns) if model.ignore_patterns else None}
+
+
 def _marker_matches(folder: Path, model: HubModel) -> bool:
+    """A completed download of the same repo and patterns whose files are all still there."""
     try:
         record = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    wanted = {"repo_id": model.repo_id, "allow_patterns": model.allow_patterns,
-              "ignore_patterns": model.ignore_patterns}
-    same = all(record.get(k) == (list(v) if v else None) for k, v in wanted.items())
+    same = all(record.get(k) == v for k, v in _marker_record(model).items())
     return same and all((folder / f).exists() for f in record.get("files", []))
 
 
 def _write_marker(folder: Path, model: HubModel) -> None:
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                    if p.is_file() and ".cache" not in p.parts and p.name != MARKER)
-    record = {"repo_id": model.repo_id,
-              "allow_patterns": list(model.allow_patterns) if model.allow_patterns else None,
-              "ignore_patterns": list(model.ignore_patterns) if model.ignore_patterns else None,
-              "files": files, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {**_marker_record(model), "files": files,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     tmp = folder / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, folder / MARKER)
@@ -119,7 +123,8 @@ def download(model: HubModel, output_dir: Path, cache_dir: str | None, force: bo
             ignore_patterns=list(model.ignore_patterns) if model.ignore_patterns else None,
         )
     except HUB_ERRORS as err:
-        hint = "; it is gated: accept its terms on the Hub and set HF_TOKEN" if model.gated else ""
+        hint = (f"; access refused: accept its terms on https://huggingface.co/{model.repo_id} and set HF_TOKEN "
+                "(or HUGGINGFACE_TOKEN)") if access_refused(err) else ""
         return "failed", f"{model.repo_id}: {describe_error(err)}{hint}"
     _write_marker(folder, model)
     return "downloaded", f"{_size_gb(folder):.2f} GB in {folder}"

@@ -50,7 +50,6 @@ class HubModel:
     allow_patterns: tuple[str, ...] | None = None
     ignore_patterns: tuple[str, ...] | None = None
     subfolder: str | None = None  # folder inside the repo that a short-name lookup returns
-    gated: bool = False
     note: str = ""
 
     @property
@@ -87,7 +86,7 @@ MODELS: dict[str, HubModel] = {
         HubModel("sd15_vae", "stable-diffusion-v1-5/stable-diffusion-v1-5", "align",
                  allow_patterns=_VAE_ONLY, subfolder="vae"),
         HubModel("flux_vae", "black-forest-labs/FLUX.1-dev", "align",
-                 allow_patterns=_VAE_ONLY, subfolder="vae", gated=True,
+                 allow_patterns=_VAE_ONLY, subfolder="vae",
                  note="gated: accept the licence on the Hub and set HF_TOKEN"),
         HubModel("wav2vec2_base", "facebook/wav2vec2-base-960h", "float",
                  allow_patterns=("*.json", "model.safetensors")),
@@ -128,6 +127,12 @@ def describe_error(err: BaseException) -> str:
     """One redacted line naming a Hub client failure."""
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     return redact(f"{type(err).__name__}: {first}" if first else type(err).__name__)
+
+
+def access_refused(err: BaseException) -> bool:
+    """A Hub answer meaning the repo is gated or private for this token (or no token)."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return isinstance(err, GatedRepoError) or status in (401, 403)
 
 
 def find_registered(repo_id: str) -> HubModel | None:
@@ -180,13 +185,13 @@ def resolve_model_path(
 ) -> Path:
     """Local folder (with `subfolder`) for a path, a registry name (`omniflow`) or a Hub id.
 
-    Order: an existing path; `<models_dir>/<repo name>` (what download_models.py writes);
-    the Hub (or only its cache when `HF_HUB_OFFLINE=1`).
+    Order: a registry name, else an existing path; then `<models_dir>/<repo name>` (what
+    download_models.py writes); then the Hub (only its cache when `HF_HUB_OFFLINE=1`).
     """
+    entry = MODELS.get(name_or_path)  # before paths: `omniflow` is also the package folder
     path = Path(name_or_path).expanduser()
-    if path.exists():
+    if entry is None and path.exists():
         return _with_subfolder(path, subfolder, _hint_for_path(name_or_path))
-    entry = MODELS.get(name_or_path)
     if entry is not None:
         repo_id = entry.repo_id
         subfolder = subfolder if subfolder is not None else entry.subfolder
@@ -222,9 +227,8 @@ def _snapshot(repo_id: str, subfolder: str | None, local: Path, cache_dir, allow
             repo_id, cache_dir=cache_dir, token=hf_token(), allow_patterns=allow_patterns,
             ignore_patterns=ignore_patterns, local_files_only=offline,
         )
-    except (GatedRepoError, HfHubHTTPError) as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if isinstance(err, GatedRepoError) or status in (401, 403):
+    except HfHubHTTPError as err:
+        if access_refused(err):
             raise MissingModelError(
                 f"the Hub refused access to {repo_id} ({describe_error(err)}): it is gated or private; "
                 f"accept its terms on https://huggingface.co/{repo_id}, set HF_TOKEN (or HUGGINGFACE_TOKEN) "
@@ -265,10 +269,10 @@ def check_dataset_access(repo_id: str) -> None:
         return
     try:
         HfApi().repo_info(repo_id, repo_type="dataset", token=hf_token())
-    except GatedRepoError as err:
-        raise MissingDatasetError(
-            f"dataset {repo_id} is gated ({describe_error(err)}): accept its terms on "
-            f"https://huggingface.co/datasets/{repo_id} and set HF_TOKEN (or HUGGINGFACE_TOKEN)") from None
     except HUB_ERRORS as err:
+        if access_refused(err):
+            raise MissingDatasetError(
+                f"the Hub refused access to dataset {repo_id} ({describe_error(err)}): accept its terms on "
+                f"https://huggingface.co/datasets/{repo_id} and set HF_TOKEN (or HUGGINGFACE_TOKEN)") from None
         raise MissingDatasetError(
             f"cannot reach dataset {repo_id} on the Hugging Face Hub ({describe_error(err)})") from None
