@@ -4,6 +4,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${OMNIFLOW_VENV:-$ROOT/.venv}"
+[[ "$VENV" == /* ]] || VENV="$PWD/$VENV"
 PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.omniflow_setup_stamp"
 
@@ -44,7 +45,6 @@ fingerprint() {
 
 download_wheels() {
     local dir="$1"
-    mkdir -p "$dir"
     if [[ -n "${WHEEL_PLATFORM:-}${WHEEL_PYTHON_VERSION:-}" ]]; then
         local target=(--only-binary=:all:)
         [[ -n "${WHEEL_PLATFORM:-}" ]] && target+=(--platform "$WHEEL_PLATFORM")
@@ -70,14 +70,15 @@ main() {
     case "${1:-}" in
         -h|--help) usage; return 0 ;;
         --download-wheels) [[ -n "${2:-}" ]] || { echo "setup.sh: --download-wheels needs a DIR" >&2; return 2; }
-                           download_wheels "$2"; return 0 ;;
-        --wheels) [[ -n "${2:-}" ]] || { echo "setup.sh: --wheels needs a DIR" >&2; return 2; }
-                  [[ -d "$2" ]] || { echo "setup.sh: wheel folder $2 does not exist" >&2; return 2; }
+                           mkdir -p "$2"; download_wheels "$(cd "$2" && pwd)"; return 0 ;;
+        --wheels) [[ -n "${2:-}" && -d "${2:-}" ]] || {
+                      echo "setup.sh: --wheels needs an existing wheel folder, got '${2:-}'" >&2; return 2; }
                   wheels="$(cd "$2" && pwd)" ;;
         --print-stamp) fingerprint; return 0 ;;
         "") ;;
         *) echo "setup.sh: unknown option '$1' (see ./setup.sh --help)" >&2; return 2 ;;
     esac
+    cd "$ROOT"  # relative outputs (models/, data/, WordNet data) belong to the repo
 
     if [[ ! -x "$VENV/bin/python" ]]; then
         say "creating virtual environment $VENV with $("$PYTHON" --version)"

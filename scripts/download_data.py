@@ -253,6 +253,8 @@ class SplitWriter:
             self._file.close()
         if self.partial.exists():
             os.replace(self.partial, self.final)
+        elif not self.final.exists():
+            _atomic_write(self.final, b"")  # an empty split still gets its file
         if not self.group_by_media or not self.final.exists():
             return len(self.done)
         groups: dict[str, dict] = {}

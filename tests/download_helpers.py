@@ -25,6 +25,7 @@ def load_script(relative: str):
     path = ROOT / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
