@@ -78,26 +78,21 @@ def select_models(names: list[str] | None, repo_id: str | None) -> list[HubModel
     return chosen
 
 
-def _marker_record(model: HubModel) -> dict:
-    return {"repo_id": model.repo_id,
-            "allow_patterns": list(model.allow_patterns) if model.allow_patterns else None,
-            "ignore_patterns": list(model.ignore_patterns) if model.ignore_patterns else None}
-
-
 def _marker_matches(folder: Path, model: HubModel) -> bool:
     """A completed download of the same repo and patterns whose files are all still there."""
     try:
         record = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    same = all(record.get(k) == v for k, v in _marker_record(model).items())
+    wanted = {"repo_id": model.repo_id, **model.patterns()}
+    same = all(record.get(k) == v for k, v in wanted.items())
     return same and all((folder / f).exists() for f in record.get("files", []))
 
 
 def _write_marker(folder: Path, model: HubModel) -> None:
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
                    if p.is_file() and ".cache" not in p.parts and p.name != MARKER)
-    record = {**_marker_record(model), "files": files,
+    record = {"repo_id": model.repo_id, **model.patterns(), "files": files,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     tmp = folder / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(record, indent=1))
@@ -119,9 +114,7 @@ def download(model: HubModel, output_dir: Path, cache_dir: str | None, force: bo
     try:
         huggingface_hub.snapshot_download(
             model.repo_id, local_dir=folder, cache_dir=cache_dir, token=hf_token(), force_download=force,
-            allow_patterns=list(model.allow_patterns) if model.allow_patterns else None,
-            ignore_patterns=list(model.ignore_patterns) if model.ignore_patterns else None,
-        )
+            **model.patterns())
     except HUB_ERRORS as err:
         hint = (f"; access refused: accept its terms on https://huggingface.co/{model.repo_id} and set HF_TOKEN "
                 "(or HUGGINGFACE_TOKEN)") if access_refused(err) else ""

@@ -12,9 +12,15 @@ Output, read by the text data builders:
     data/<dataset>/images/, audio/          the media files
     data/<dataset>/info.json                source, split sizes, options, date
 
-Rows are appended to `<split>.jsonl.partial` (media first, then the line) and the file is renamed
-to `<split>.jsonl` when the split is done, so a crash never leaves a half-written final file;
-rerunning resumes, skipping ids already written. `--max-samples` counts records per split.
+Sources and splits: WikiText-103 and AudioCaps have train/validation splits; the COCO-Caption copy
+(val/test only, test without captions) and LLaVA-CC3M (one split) are split by a stable hash of
+the row id, 5% validation. AudioCaps has one row per caption: rows are logged to
+`<split>.rows.jsonl` and merged per clip into `<split>.jsonl` (all its captions as references).
+`--max-samples N` caps the rows written per split (for AudioCaps: caption rows).
+
+Rows are appended to a `.partial` file (media first, then the line) that is renamed when the
+split is done, so a crash never leaves a half-written final file; rerunning resumes, skipping
+ids already written, and a split read to its end is not read again.
 """
 
 from __future__ import annotations
@@ -41,8 +47,14 @@ from datasets import load_dataset
 from huggingface_hub import HfFileSystem, hf_hub_download
 from PIL import Image
 
-from omniflow.runtime.hub import HUB_ERRORS, MissingDatasetError, check_dataset_access, describe_error, hf_token, \
-    is_offline
+from omniflow.runtime.hub import (
+    HUB_ERRORS,
+    MissingDatasetError,
+    check_dataset_access,
+    describe_error,
+    hf_token,
+    is_offline,
+)
 
 SPLITS = ("train", "validation")
 HOLDOUT_PERCENT = 5  # share of rows held out for validation where the source has one split only
@@ -103,7 +115,8 @@ def wav_bytes(value: dict) -> bytes:
 
 
 # Row converters: (row, id, archive) -> (record, media) or None for a row to drop.
-# Column names below are those of the dataset cards / viewers of each source.
+# The column names were read from the sources' dataset cards and viewers where they could be
+# read; the comments say where they come from otherwise.
 
 def wikitext_record(row: dict, rid: str, archive=None):
     # Salesforce/wikitext: one column "text" holding a line of an article; blank lines and
@@ -115,8 +128,9 @@ def wikitext_record(row: dict, rid: str, archive=None):
 
 
 def coco_record(row: dict, rid: str, archive=None):
-    # lmms-lab/COCO-Caption: question_id, image (Image), question (prompt), answer (list of the
-    # 5 human captions), id, file_name, coco_url, height, width, date_captured; splits val, test.
+    # lmms-lab/COCO-Caption (viewer: splits val 40.5k, test 40.8k). Its rows follow lmms-lab's
+    # formatted-COCO layout, as on its sibling sets: question_id, image, question (the prompt),
+    # answer (the human captions), id, file_name, coco_url, height, width, date_captured.
     image = row["image"]
     media = {f"images/{rid}.jpg": lambda: jpeg_bytes(image)}
     return {"id": rid, "task": "image_to_text", "image": f"images/{rid}.jpg",
@@ -124,8 +138,10 @@ def coco_record(row: dict, rid: str, archive=None):
 
 
 def audiocaps_record(row: dict, rid: str, archive=None):
-    # AudioCaps on the Hub: audiocap_id, youtube_id, start_time, audio (Audio), caption; one row
-    # per caption (validation/test clips have 5), so rows of one clip share its audio file.
+    # OpenSound/AudioCaps (viewer: train 45.2k, validation 2.22k, test 4.41k rows). Its card was
+    # not readable here; the columns are those of the other AudioCaps copies on the Hub:
+    # audiocap_id, youtube_id, start_time, audio, caption. One row per caption (validation and
+    # test clips have 5), so the rows of one clip share its audio file.
     clip = _safe_id(f"{row['youtube_id']}_{row.get('start_time', 0)}") if row.get("youtube_id") else rid
     audio = row["audio"]
     media = {f"audio/{clip}.wav": lambda: wav_bytes(audio)}
@@ -378,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{key}", action="store_true", help=f"{source.repo_id} ({source.task})")
     parser.add_argument("--streaming", action="store_true", help="stream rows instead of downloading whole splits")
     parser.add_argument("--max-samples", "--max_samples", dest="max_samples", type=int, default=None,
-                        help="at most N records per split (default: all)")
+                        help="at most N rows per split (default: all)")
     parser.add_argument("--subset-fraction", "--subset_fraction", dest="subset_fraction", type=float, default=1.0,
                         help="keep this evenly spaced fraction of the source rows (0 < F <= 1)")
     parser.add_argument("--output_dir", "--output-dir", dest="output_dir", default="data",

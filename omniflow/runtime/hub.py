@@ -56,6 +56,11 @@ class HubModel:
     def local_name(self) -> str:
         return self.repo_id.split("/")[-1]
 
+    def patterns(self) -> dict:
+        """`allow_patterns` / `ignore_patterns` keyword arguments for snapshot_download."""
+        return {"allow_patterns": list(self.allow_patterns) if self.allow_patterns else None,
+                "ignore_patterns": list(self.ignore_patterns) if self.ignore_patterns else None}
+
     def covers(self, subfolder: str | None) -> bool:
         """Whether this entry's download holds `subfolder` (None: the whole entry)."""
         if subfolder is None or self.allow_patterns is None:
@@ -63,7 +68,6 @@ class HubModel:
         return any(p.startswith(f"{subfolder}/") for p in self.allow_patterns)
 
 
-_WEIGHTS_AND_CONFIGS = ("*.json", "*.txt", "model.safetensors")
 _VAE_ONLY = ("vae/config.json", "vae/diffusion_pytorch_model.safetensors")
 
 MODELS: dict[str, HubModel] = {
@@ -73,7 +77,7 @@ MODELS: dict[str, HubModel] = {
                  ignore_patterns=("*.fp16.safetensors",),
                  note="transformer, VAEs, text VAE config, tokenizers, scheduler"),
         HubModel("clip_vit_l", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "text",
-                 allow_patterns=_WEIGHTS_AND_CONFIGS),
+                 allow_patterns=("*.json", "*.txt", "model.safetensors")),
         HubModel("t5_large", "google/flan-t5-large", "text",
                  allow_patterns=("*.json", "spiece.model", "model.safetensors")),
         HubModel("languagebind_audio", "LanguageBind/LanguageBind_Audio_FT", "text"),
@@ -202,30 +206,27 @@ def resolve_model_path(
         entry = find_registered(repo_id)
 
     local = local_model_dir(repo_id, models_dir)
-    if (local / subfolder if subfolder else local).exists():
-        return local / subfolder if subfolder else local
+    wanted = local / subfolder if subfolder else local
+    if wanted.exists():
+        return wanted
 
     if allow_patterns is None and entry is not None and entry.covers(subfolder):
-        allow_patterns = list(entry.allow_patterns) if entry.allow_patterns else None
-        ignore_patterns = list(entry.ignore_patterns) if entry.ignore_patterns else None
+        patterns = entry.patterns()
     else:
-        ignore_patterns = None
-        if allow_patterns is None and subfolder:
-            allow_patterns = [f"{subfolder}/*"]
-    snapshot = _snapshot(repo_id, subfolder, local, cache_dir, allow_patterns, ignore_patterns)
+        default = [f"{subfolder}/*"] if subfolder else None
+        patterns = {"allow_patterns": allow_patterns or default, "ignore_patterns": None}
+    snapshot = _snapshot(repo_id, subfolder, local, cache_dir, patterns)
     return _with_subfolder(snapshot, subfolder, f"; fetch it with: {download_command(repo_id, subfolder)}")
 
 
-def _snapshot(repo_id: str, subfolder: str | None, local: Path, cache_dir, allow_patterns,
-              ignore_patterns) -> Path:
+def _snapshot(repo_id: str, subfolder: str | None, local: Path, cache_dir, patterns: dict) -> Path:
     what = f"{repo_id} (subfolder {subfolder})" if subfolder else repo_id
     command = download_command(repo_id, subfolder)
     cache = cache_dir or huggingface_hub.constants.HF_HUB_CACHE
     offline = is_offline()
     try:
         folder = huggingface_hub.snapshot_download(
-            repo_id, cache_dir=cache_dir, token=hf_token(), allow_patterns=allow_patterns,
-            ignore_patterns=ignore_patterns, local_files_only=offline,
+            repo_id, cache_dir=cache_dir, token=hf_token(), local_files_only=offline, **patterns,
         )
     except HfHubHTTPError as err:
         if access_refused(err):
