@@ -156,8 +156,17 @@ def test_dataset_access_check_fails_fast_in_one_line(monkeypatch, online):
             import httpx2
             raise httpx2.ConnectError("[Errno -2] Name or service not known")
 
+    class RefusingApi:
+        def repo_info(self, repo_id, **kwargs):
+            import httpx2
+            request = httpx2.Request("GET", f"https://huggingface.co/api/datasets/{repo_id}")
+            raise GatedRepoError("Access to dataset is restricted.", response=httpx2.Response(403, request=request))
+
     monkeypatch.setattr(hub, "HfApi", UnreachableApi)
     with pytest.raises(hub.MissingDatasetError, match=r"^cannot reach dataset Salesforce/wikitext .*ConnectError"):
         hub.check_dataset_access("Salesforce/wikitext")
+    monkeypatch.setattr(hub, "HfApi", RefusingApi)
+    with pytest.raises(hub.MissingDatasetError, match=r"refused access to dataset .*set HF_TOKEN"):
+        hub.check_dataset_access("OpenSound/AudioCaps")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.check_dataset_access("Salesforce/wikitext")  # offline: the datasets cache decides, no Hub call
