@@ -1,0 +1,62 @@
+"""setup.sh: syntax, help, and the stamp that makes a second run skip pip.
+
+The runs use a copy of setup.sh, requirements.txt and pyproject.toml in a temporary folder and a
+bare venv without pip: any pip call there fails, so a zero exit proves pip was not called.
+"""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from download_helpers import ROOT
+
+
+def run_setup(project, *args, **env):
+    return subprocess.run(["bash", str(project / "setup.sh"), *args], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", **env})
+
+
+@pytest.fixture
+def project(tmp_path):
+    for name in ("setup.sh", "requirements.txt", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    return tmp_path
+
+
+def test_syntax_and_help():
+    assert subprocess.run(["bash", "-n", str(ROOT / "setup.sh")]).returncode == 0
+    result = subprocess.run(["bash", str(ROOT / "setup.sh"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "--wheels DIR" in result.stdout and "--download-wheels DIR" in result.stdout
+    bad = subprocess.run(["bash", str(ROOT / "setup.sh"), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option '--bogus'" in bad.stderr
+
+
+def test_second_run_with_current_stamp_skips_pip(project):
+    venv = project / "venv"
+    stamp = run_setup(project, "--print-stamp", OMNIFLOW_VENV=str(venv)).stdout.strip()
+    assert len(stamp) == 64
+    (venv / ".omniflow_setup_stamp").write_text(stamp + "\n")
+
+    result = run_setup(project, OMNIFLOW_VENV=str(venv))
+    assert result.returncode == 0, result.stderr
+    assert "requirements unchanged" in result.stdout and "pip install" not in result.stdout
+    assert "omniflow.metrics.wordnet is not importable" in result.stderr  # guarded, not a crash
+    assert all((project / d).is_dir() for d in ("models", "data", "checkpoints", "logs"))
+
+    with open(project / "requirements.txt", "a") as f:
+        f.write("# changed\n")
+    stale = run_setup(project, "--wheels", str(project), OMNIFLOW_VENV=str(venv))
+    assert stale.returncode != 0  # it went on to pip, which this bare venv lacks
+    assert f"-m pip install --no-index --find-links {project} -r {project}/requirements.txt" in stale.stdout
+
+
+def test_download_wheels_targets_another_platform(project):
+    result = run_setup(project, "--download-wheels", str(project / "wheels"), PYTHON=str(project / "venv/bin/python"),
+                       WHEEL_PLATFORM="manylinux_2_28_x86_64", WHEEL_PYTHON_VERSION="3.11")
+    assert result.returncode != 0  # the bare venv has no pip; the command it ran is what matters
+    assert ("-m pip download --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version 3.11 "
+            f"-d {project}/wheels -r {project}/requirements.txt setuptools>=64") in result.stdout
