@@ -38,7 +38,7 @@ run() { echo "+ $*"; "$@"; }
 
 fingerprint() {
     {
-        cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml"
+        cat "$ROOT"/requirements*.txt "$ROOT/pyproject.toml"
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
     } | sha256sum | cut -d' ' -f1
 }
@@ -53,6 +53,8 @@ download_wheels() {
     else
         run "$PYTHON" -m pip wheel -w "$dir" -r "$ROOT/requirements.txt" "setuptools>=64"
     fi
+    run "$PYTHON" -m pip download --no-deps -d "$dir" -r "$ROOT/requirements-nodeps.txt"
+    run "$PYTHON" -m pip download -d "$dir" -r "$ROOT/requirements-deepspeed.txt"
     say "wheels are in $dir; on the node run: ./setup.sh --wheels $dir"
 }
 
@@ -93,6 +95,9 @@ main() {
         [[ -n "$wheels" ]] && source=(--no-index --find-links "$wheels")
         say "installing requirements into $VENV"
         run "$VENV/bin/python" -m pip install "${source[@]}" -r "$ROOT/requirements.txt"
+        run "$VENV/bin/python" -m pip install "${source[@]}" --no-deps -r "$ROOT/requirements-nodeps.txt"
+        DS_BUILD_OPS=0 run "$VENV/bin/python" -m pip install "${source[@]}" --no-build-isolation \
+            -r "$ROOT/requirements-deepspeed.txt"
         run "$VENV/bin/python" -m pip install "${source[@]}" --no-deps -e "$ROOT"
         echo "$stamp" > "$STAMP"
     fi

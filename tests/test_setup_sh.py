@@ -20,7 +20,8 @@ def run_setup(project, *args, **env):
 
 @pytest.fixture
 def project(tmp_path):
-    for name in ("setup.sh", "requirements.txt", "pyproject.toml"):
+    for name in ("setup.sh", "requirements.txt", "requirements-nodeps.txt", "requirements-deepspeed.txt",
+                 "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path / name)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
     return tmp_path
