@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from omniflow.metrics.wordnet import INSTALL_HINT, ensure_wordnet
+from omniflow.runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = ("bleu", "rouge", "meteor", "cider")
 
 
-class TextMetricInputError(ValueError):
+class TextMetricInputError(DataError):
     """Predictions/references are malformed (length mismatch, missing or empty references)."""
 
 
@@ -158,7 +159,7 @@ TEXT_METRICS: dict[str, TextMetric] = {
 }
 
 
-class UnknownTextMetricError(ValueError):
+class UnknownTextMetricError(ConfigError):
     """A metric name that is not in TEXT_METRICS."""
 
 
@@ -193,6 +194,8 @@ def format_comparison_table(results: Mapping[str, Mapping[str, float | None]]) -
     def cell(name: str, value: float | None) -> str:
         if value is None:
             return "n/a"
+        if isinstance(value, int):
+            return str(value)
         return f"{value:.{TEXT_METRICS[name].digits if name in TEXT_METRICS else 4}f}"
 
     lines = ["| predictions | " + " | ".join(labels) + " |", "|---" * (len(names) + 1) + "|"]
