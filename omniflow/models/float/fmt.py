@@ -216,7 +216,7 @@ class FlowMatchingTransformer(FloatPretrainedMixin, nn.Module):
                 for name, value in (("wa", wa), ("wr", wr), ("we", we)):
                     stacked[name].append(value if keep[name] else torch.zeros_like(value))
             k = len(branches)
-            out = self.forward(t.reshape(-1).repeat(k) if t.numel() > 1 else t, x.repeat(k, 1, 1),
+            out = self(t.reshape(-1).repeat(k) if t.numel() > 1 else t, x.repeat(k, 1, 1),
                                torch.cat(stacked["wa"]), torch.cat(stacked["wr"]), torch.cat(stacked["we"]),
                                None if prev_x is None else prev_x.repeat(k, 1, 1),
                                None if prev_wa is None else prev_wa.repeat(k, 1, 1))
