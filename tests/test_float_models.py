@@ -9,7 +9,7 @@ import torch
 from transformers import Wav2Vec2Model
 
 from float_helpers import AUDIO_DIR, RELEASE_KEYS, TINY_CHECKPOINT, tiny_config
-from omniflow.flow import GuidanceScales
+from omniflow.flow import ConditionDropout, GuidanceScales, RectifiedFlow
 from omniflow.models.float import (FLOAT, AudioEncoder, AudioFeatureError, CheckpointMismatchError, EmotionEncoder,
                                    FloatConfig, FloatConfigError, FlowMatchingTransformer, FMTShapeError,
                                    MotionAutoEncoder, release_backbone_configs)
@@ -164,6 +164,22 @@ def test_guidance_scales_change_the_velocity():
     for scales, out in outs.items():
         if scales != (1.0, 1.0, 1.0):
             assert (out - plain).abs().max() > 1e-3, scales
+
+
+def test_training_loss_scores_the_window_and_reaches_trainable_weights():
+    cfg = FloatConfig.preset("tiny")
+    fmt = FlowMatchingTransformer(cfg)  # fresh init: zero velocity everywhere
+    inputs = _fmt_inputs(cfg)
+    x1 = inputs.pop("x")
+    inputs.pop("t")
+    flow, keep_all = RectifiedFlow(velocity_weight=1.0), ConditionDropout.for_float(0.0, 0.0, 0.0, 0.0)
+    loss = fmt.training_loss(flow, keep_all, x1, generator=torch.Generator().manual_seed(0), **inputs)
+    draw = flow.draw(x1, generator=torch.Generator().manual_seed(0))
+    assert torch.isclose(loss.flow, draw.target.pow(2).mean())
+    assert torch.isclose(loss.velocity, draw.target.diff(dim=1).pow(2).mean())
+    _randomise(fmt)
+    fmt.training_loss(flow, ConditionDropout.for_float(), x1, **inputs).total.backward()
+    assert fmt.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 and fmt.pos_embed.grad is None
 
 
 # ---- condition encoders -----------------------------------------------------------------------

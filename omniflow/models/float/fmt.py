@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...flow.guidance import GuidanceScales, guided_velocity
+from ...flow.rectified_flow import ConditionDropout, FlowLoss, RectifiedFlow
 from .config import FloatConfig
 from .io import FloatPretrainedMixin
 
@@ -223,3 +224,17 @@ class FlowMatchingTransformer(FloatPretrainedMixin, nn.Module):
             return dict(zip(branches, out.chunk(k)))
 
         return guided_velocity(run_branches, scales)
+
+    def training_loss(self, flow: RectifiedFlow, dropout: ConditionDropout, x1: torch.Tensor, wa: torch.Tensor,
+                      wr: torch.Tensor, we: torch.Tensor, prev_x: torch.Tensor, prev_wa: torch.Tensor,
+                      generator: torch.Generator | None = None) -> FlowLoss:
+        """Rectified-flow loss on a window of motion latents ``x1`` (B, L, dim_w).
+
+        Draws t and noise, drops conditions per sample, and scores the velocity of the window
+        frames only (the previous frames, zeros at a clip start, are conditioning).
+        """
+        draw = flow.draw(x1, generator=generator)
+        conditions, _ = dropout({"wa": wa, "wr": wr, "we": we, "prev_x": prev_x, "prev_wa": prev_wa},
+                                generator=generator)
+        velocity = self(draw.t, draw.xt, **conditions)[:, prev_x.shape[1]:]
+        return flow.loss(velocity, draw.target)
