@@ -195,7 +195,10 @@ class FlowMatchingTransformer(FloatPretrainedMixin, nn.Module):
             raise FMTShapeError(f"FMT expects {self.seq_len} frames (prev {self.num_prev_frames} + window "
                                 f"{self.seq_len - self.num_prev_frames}) for x and wa; got x {tuple(x.shape)}, "
                                 f"wa {tuple(wa.shape)}")
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(b)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1)
+        if t.numel() not in (1, b):
+            raise FMTShapeError(f"t has {t.numel()} values for a batch of {b}")
+        t = t.expand(b)
         we = we.reshape(b, 1, -1).to(x.dtype).expand(b, n, -1)
         wr = wr.reshape(b, 1, -1).to(x.dtype).expand(b, n, -1)
         c = self.c_embedder(torch.cat([wr, wa, we], dim=-1)) + self.t_embedder(t)[:, None]
@@ -211,16 +214,15 @@ class FlowMatchingTransformer(FloatPretrainedMixin, nn.Module):
 
         The branches that the scales need are stacked along the batch and run in one forward.
         """
+        t = torch.as_tensor(t, device=x.device)
+
         def run_branches(branches: dict[str, dict[str, bool]]) -> dict[str, torch.Tensor]:
-            stacked = {name: [] for name in ("wa", "wr", "we")}
-            for keep in branches.values():
-                for name, value in (("wa", wa), ("wr", wr), ("we", we)):
-                    stacked[name].append(value if keep[name] else torch.zeros_like(value))
             k = len(branches)
-            out = self(t.reshape(-1).repeat(k) if t.numel() > 1 else t, x.repeat(k, 1, 1),
-                               torch.cat(stacked["wa"]), torch.cat(stacked["wr"]), torch.cat(stacked["we"]),
-                               None if prev_x is None else prev_x.repeat(k, 1, 1),
-                               None if prev_wa is None else prev_wa.repeat(k, 1, 1))
+            stacked = {name: torch.cat([value if keep[name] else torch.zeros_like(value) for keep in branches.values()])
+                       for name, value in (("wa", wa), ("wr", wr), ("we", we))}
+            repeat = lambda v: None if v is None else v.repeat(k, 1, 1)
+            out = self(t.reshape(-1).repeat(k) if t.numel() > 1 else t, repeat(x), stacked["wa"], stacked["wr"],
+                       stacked["we"], repeat(prev_x), repeat(prev_wa))
             return dict(zip(branches, out.chunk(k)))
 
         return guided_velocity(run_branches, scales)
