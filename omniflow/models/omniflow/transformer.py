@@ -231,6 +231,14 @@ class OmniFlowTransformer(ModelMixin, ConfigMixin):
         self.norm_out_text = AdaLayerNormContinuous(joint_attention_dim, dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
 
+    @classmethod
+    def from_transformer_config(cls, config: dict, text_latent_dim: int = 64) -> "OmniFlowTransformer":
+        """Builds the model from a released ``transformer/config.json`` dict (``load_config(folder)``),
+        with ``text_output`` sized for the text VAE's ``vae_dim``. Wrap in ``accelerate.init_empty_weights()``
+        to build the full-size model without allocating its parameters."""
+        init_kwargs, _, _ = cls.extract_init_dict(config)
+        return cls(**init_kwargs, text_latent_dim=text_latent_dim)
+
     @property
     def text_latent_dim(self) -> int:
         return self.text_output.out_features
