@@ -90,10 +90,14 @@ class _LazyTensor:
     def nbytes(self) -> int:
         dtype = self.meta.get_dtype() if hasattr(self.meta, "get_dtype") else self.meta.dtype
         itemsize = _SAFETENSORS_ITEMSIZE[dtype] if isinstance(dtype, str) else dtype.itemsize
-        numel = 1
-        for n in self.shape:
-            numel *= n
-        return numel * itemsize
+        return _numel(self.shape) * itemsize
+
+
+def _numel(shape) -> int:
+    numel = 1
+    for n in shape:
+        numel *= n
+    return numel
 
 
 _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -194,9 +198,13 @@ def omniflow_state_dict(transformer: nn.Module, text_vae: nn.Module | None) -> d
 
 
 def save_sharded_safetensors(
-    tensors: dict[str, "torch.Tensor | _LazyTensor"], folder: str | Path, max_shard_bytes: int = 5 * 2**30
+    tensors: dict[str, "torch.Tensor | _LazyTensor"],
+    folder: str | Path,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
 ) -> list[Path]:
-    """Writes tensors (real or lazy) as ``diffusion_pytorch_model[-0000i-of-0000n].safetensors`` (+ index).
+    """Writes tensors (real or lazy) as ``diffusion_pytorch_model[-0000i-of-0000n].safetensors`` (+ index),
+    cast to ``dtype`` if given.
 
     Shards are planned from sizes first and each is materialised only while it is written, so a lazy
     source (a memory-mapped ``.bin``) is converted with one shard in memory. Tensors that share storage
@@ -204,10 +212,11 @@ def save_sharded_safetensors(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    sizes = {k: t.nbytes if dtype is None else _numel(t.shape) * dtype.itemsize for k, t in tensors.items()}
     shards: list[list[str]] = [[]]
     size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.nbytes
+    for key in tensors:
+        nbytes = sizes[key]
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -223,7 +232,8 @@ def save_sharded_safetensors(
         shard = {}
         for key in keys:
             value = tensors[key]
-            value = (value.load() if isinstance(value, _LazyTensor) else value).detach().cpu().contiguous()
+            value = (value.load() if isinstance(value, _LazyTensor) else value).detach().cpu()
+            value = (value if dtype is None else value.to(dtype)).contiguous()
             if value.data_ptr() in seen:
                 value = value.clone()
             seen.add(value.data_ptr())
@@ -231,7 +241,7 @@ def save_sharded_safetensors(
         save_file(shard, folder / name, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+            "metadata": {"total_size": sum(sizes.values())},
             "weight_map": {key: name for name, keys in zip(names, shards) for key in keys},
         }
         (folder / f"{WEIGHTS_NAME}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
