@@ -1,8 +1,12 @@
 """Shared helpers for the OmniFlow tests: fixture paths, golden loading, reference-model loading."""
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -11,7 +15,9 @@ from safetensors import safe_open
 from transformers import AutoConfig, T5Config, T5EncoderModel
 
 from omniflow.models.omniflow.checkpoint import load_omniflow_weights
+from omniflow.models.omniflow.loading import OmniFlowComponents, load_omniflow
 from omniflow.models.omniflow.text_vae import OmniFlowTextVAE
+from omniflow.models.omniflow.tiny import TinyOmniFlow, TinyPaths, build_tiny_omniflow, save_tiny_omniflow
 from omniflow.models.omniflow.transformer import OmniFlowTransformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "omniflow"
@@ -53,3 +59,27 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     assert actual is not None, f"{what}: got None"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_build() -> TinyOmniFlow:
+    """The tiny OmniFlow (built once per test session; do not modify it in place)."""
+    return build_tiny_omniflow(seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_saved(weights: str = "safetensors") -> TinyPaths:
+    """``tiny_build()`` saved in the released layout (with an EMA file) in a session temp folder."""
+    out = Path(tempfile.mkdtemp(prefix=f"omniflow-tiny-{weights}-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    return save_tiny_omniflow(tiny_build(), out, weights=weights, ema=True)
+
+
+ALL_COMPONENTS = ("transformer", "text_vae", "text_encoder", "vae", "scheduler", "clip_image", "clip_text")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_loaded(dtype: torch.dtype = torch.float32) -> OmniFlowComponents:
+    """Every component of the saved tiny folder, loaded through ``load_omniflow`` (cached; do not modify)."""
+    paths = tiny_saved()
+    return load_omniflow(paths.model_path, ALL_COMPONENTS, dtype=dtype, models_dir=paths.models_dir)

@@ -99,7 +99,7 @@ class OmniFlowTextVAE(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Per-layer checkpointing of the LM (transformers applies it while the LM is in train mode; the LM
         has no dropout, so ``text_vae.model.train()`` keeps a frozen decoder's outputs unchanged)."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     # ----- encoder -----
     def encode(
