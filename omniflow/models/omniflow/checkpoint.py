@@ -122,7 +122,7 @@ def load_omniflow_weights(
 ) -> LoadReport:
     """Strictly loads a ``transformer/`` folder into the given modules (either may be None to skip it).
 
-    Modules may live on the meta device (tensors are assigned, not copied). ``text_decoder.encoder.*`` keys
+    Modules may live on the meta device (such tensors are replaced; materialised ones are copied into). ``text_decoder.encoder.*`` keys
     fill ``text_vae.encoder`` when one is attached (all of them, or none and the attached weights stay);
     without an attached encoder they are skipped. Raises :class:`CheckpointError` listing every missing,
     unexpected and mis-shaped key with the file(s) read.
@@ -136,6 +136,7 @@ def load_omniflow_weights(
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
+    replaced: dict[int, torch.Tensor] = {}
     for path in files:
         with open_weights(path) as lazy:
             parts: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in targets}
@@ -158,8 +159,7 @@ def load_omniflow_weights(
                     parts[prefix][key[len(prefix):]] = value if dtype is None else value.to(dtype)
                     loaded.add(key)
             for prefix, state in parts.items():
-                if state:
-                    targets[prefix].load_state_dict(state, strict=False, assign=True)
+                _fill(targets[prefix], state, replaced)
     missing = sorted(set(expected) - loaded - (encoder_keys if not loaded & encoder_keys else set()))
     if missing or unexpected or mismatched:
         raise CheckpointError(_describe(Path(folder), files, missing, unexpected, mismatched))
@@ -168,6 +168,23 @@ def load_omniflow_weights(
     if report.skipped_unused_keys:
         logger.info("skipped %d unused Q-Former text-branch keys", len(report.skipped_unused_keys))
     return report
+
+
+def _fill(module: nn.Module, state: dict[str, torch.Tensor], replaced: dict[int, torch.Tensor]) -> None:
+    """Puts each tensor into ``module``: copied into a materialised tensor (tied weights stay tied), or set
+    in place of a meta-device one; tensors tied on the meta device receive the same new tensor."""
+    for key, value in state.items():
+        owner_name, _, name = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        current = getattr(owner, name)
+        if not current.is_meta:
+            with torch.no_grad():
+                current.copy_(value)
+            continue
+        if id(current) not in replaced:
+            is_param = isinstance(current, nn.Parameter)
+            replaced[id(current)] = nn.Parameter(value, requires_grad=current.requires_grad) if is_param else value
+        setattr(owner, name, replaced[id(current)])
 
 
 def _expected_shapes(targets: dict[str, nn.Module | None]) -> dict[str, tuple[int, ...]]:

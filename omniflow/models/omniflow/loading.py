@@ -62,6 +62,8 @@ class OmniFlowComponents:
 def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, **kwargs):
     """The single place that reads a component from a local folder or the Hub (swappable for a resolver)."""
     extra = {"subfolder": subfolder} if subfolder else {}
+    if subfolder and Path(path_or_id).is_dir() and not (Path(path_or_id) / subfolder).is_dir():
+        raise MissingComponentError(f"{Path(path_or_id) / subfolder} not found (needed for {cls.__name__})")
     try:
         return cls.from_pretrained(str(path_or_id), **extra, **kwargs)
     except OSError as err:
