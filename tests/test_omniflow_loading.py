@@ -65,8 +65,10 @@ def test_ema_list_of_the_wrong_length_is_rejected(tmp_path):
 
 
 def _copy_reference(tmp_path: Path) -> Path:
+    """A copy of the reference folder's transformer/ and text_vae/; returns the transformer folder."""
     folder = tmp_path / "transformer"
     shutil.copytree(TINY_RELEASE / "transformer", folder)
+    shutil.copytree(TINY_RELEASE / "text_vae", tmp_path / "text_vae")
     return folder
 
 
@@ -86,7 +88,7 @@ def test_a_renamed_key_is_reported_with_its_file(tmp_path):
     folder = _copy_reference(tmp_path)
     _edit_shard(folder, lambda t: t.__setitem__("pos_embed.proj.weights", t.pop("pos_embed.proj.weight")))
     with pytest.raises(CheckpointError) as err:
-        reference_models(folder=folder)
+        load_omniflow(tmp_path, ("transformer",))
     message = str(err.value)
     assert "1 missing: pos_embed.proj.weight" in message
     assert f"1 unexpected: pos_embed.proj.weights ({SHARD_1})" in message and str(folder) in message
@@ -172,3 +174,19 @@ def test_converter_streams_a_pickle_into_verified_shards(tmp_path, capsys):
     assert len(written) == len(state) - 22 and {v.dtype for v in written.values()} == {torch.bfloat16}
     with pytest.raises(SystemExit):
         CONVERTER["main"](["--input", str(source), "--output_dir", str(small), "--max_shard_size", "lots"])
+
+
+def test_benchmark_prints_counts_and_a_cpu_timing(tmp_path, capsys):
+    bench = runpy.run_path(str(FIXTURES.parents[2] / "benchmarks" / "bench_omniflow.py"), run_name="test")
+    bench["main"](["--batch_size", "1", "--warmup", "0", "--iters", "1", "--json_out", str(tmp_path / "b.json")])
+    printed = capsys.readouterr().out
+    assert "| transformer (MMDiT) |" in printed and "| omniflow_tiny | cpu | float32 | 1 |" in printed
+    result = json.loads((tmp_path / "b.json").read_text())
+    # the assumed release config: 4.83e9 elements in the reference's key list, of which 113M are position buffers
+    assert round(sum(result["parameters"].values()) / 1e6) == 4719 and result["forward"]["ms_per_forward"] > 0
+
+
+def test_make_tiny_script_reports_a_missing_config_dir(tmp_path):
+    script = runpy.run_path(str(FIXTURES.parents[2] / "scripts" / "make_tiny_omniflow.py"), run_name="test")
+    with pytest.raises(SystemExit, match="tiny OmniFlow config not found"):
+        script["main"](["--output_dir", str(tmp_path), "--config_dir", str(tmp_path / "none")])
