@@ -65,7 +65,7 @@ class OmniFlowPipeline:
         for name in ("transformer", "text_vae", "vae_tokenizer", "scheduler"):
             if getattr(components, name) is None:
                 raise ValueError(f"OmniFlowPipeline needs the '{name}' component")
-        self.c = components
+        self.components = components
         self.transformer, self.text_vae, self.scheduler = components.transformer, components.text_vae, components.scheduler
         # The VAE's downsampling factor (8 for SD3's VAE, assumed when no VAE is loaded).
         self.vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1) if components.vae is not None else 8
@@ -97,8 +97,11 @@ class OmniFlowPipeline:
     def _full(self, batch: int, value: float) -> torch.Tensor:
         return torch.full((batch,), value, device=self.device)
 
-    def _randn(self, shape, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32).to(self.dtype)
+    def _randn(self, shape, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Gaussian noise drawn on the generator's device (a CPU generator works for a GPU pipeline)."""
+        device = generator.device if generator is not None else self.device
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return noise.to(self.device, dtype or self.dtype)
 
     def absent_image(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Random image latents at t = 1000 (an image stream that carries no information)."""
@@ -126,7 +129,7 @@ class OmniFlowPipeline:
     def encode_images(self, images: list, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """PIL images -> (VAE latent sample x scaling_factor [B, C, h, w], pooled vector with the CLIP-L image
         embedding in its leading dims). As released, no shift factor is subtracted."""
-        vae, clip, processor = self.c.vae, self.c.clip_vision, self.c.clip_image_processor
+        vae, clip, processor = self.components.vae, self.components.clip_vision, self.components.clip_image_processor
         if vae is None or clip is None or processor is None:
             raise ValueError("encoding images needs the 'vae' and 'clip_image' components")
         images = [image.convert("RGB") for image in images]
@@ -138,7 +141,7 @@ class OmniFlowPipeline:
     @torch.no_grad()
     def encode_text_pooled(self, texts: list[str]) -> torch.Tensor:
         """CLIP-L and CLIP-G pooled text embeddings side by side (2048 wide in the release)."""
-        pairs = ((self.c.clip_text, self.c.clip_tokenizer), (self.c.clip_text_2, self.c.clip_tokenizer_2))
+        pairs = ((self.components.clip_text, self.components.clip_tokenizer), (self.components.clip_text_2, self.components.clip_tokenizer_2))
         if any(model is None for model, _ in pairs):
             raise ValueError("pooled text conditioning needs the 'clip_text' component")
         embeds = []
@@ -179,9 +182,9 @@ class OmniFlowPipeline:
         inputs = uncond.concat(cond) if use_cfg else cond
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         start = min(int(round(num_inference_steps * (1.0 - strength))), num_inference_steps - 1)
-        latents = torch.randn(shape, generator=generator, device=self.device)
+        latents = self._randn(shape, generator, torch.float32)
         if init_latents is not None and strength < 1.0:
-            latents = self.scheduler.add_noise(init_latents.float(), latents, self.scheduler.sigmas[start])
+            latents = self.scheduler.add_noise(init_latents.to(self.device, torch.float32), latents, self.scheduler.sigmas[start])
         for i in range(start, num_inference_steps):
             rows = self.pad_text(latents).repeat(2 if use_cfg else 1, 1, 1)
             output = self.transformer(
@@ -205,85 +208,67 @@ class OmniFlowPipeline:
         """Text from a prefix: latents [B, L, vae_dim] or LM embeddings [B, L, hidden_size]."""
         key = "latents" if prefix.shape[-1] == self.text_vae.vae_dim else "prefix_embeds"
         ids = self.text_vae.generate(**{key: prefix}, max_new_tokens=max_new_tokens, num_beams=num_beams)
-        return self.c.vae_tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return self.components.vae_tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def _finish(self, sample: TextSample, prefix_fn: PrefixFn | None, max_new_tokens: int, num_beams: int):
+    def generate_text(
+        self,
+        cond: StreamInputs,
+        uncond: StreamInputs | None = None,
+        *,
+        prefix_fn: PrefixFn | None = None,
+        max_new_tokens: int = 64,
+        num_beams: int = 1,
+        **sampling,
+    ) -> list[str]:
+        """:meth:`sample_text_latents` (``sampling`` are its keyword arguments), then :meth:`decode`.
+
+        ``prefix_fn(output)``, applied to the last step's conditional output, replaces the final latents as
+        the decoder prefix, e.g. a head mapping ``output.text_hidden`` to LM embeddings. The task methods
+        below take these same keyword arguments."""
+        sample = self.sample_text_latents(cond, uncond, **sampling)
         prefix = sample.latents if prefix_fn is None else prefix_fn(sample.output)
         return self.decode(prefix, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
     def image_to_text(
-        self,
-        images: list,
-        *,
-        guidance_scale: float = 2.0,
-        num_inference_steps: int = 28,
-        x0_fn: X0Fn | None = None,
-        prefix_fn: PrefixFn | None = None,
-        max_new_tokens: int = 64,
-        num_beams: int = 1,
-        generator: torch.Generator | None = None,
+        self, images: list, *, guidance_scale: float = 2.0, generator: torch.Generator | None = None, **options
     ) -> list[str]:
-        """Captions PIL images: image clean at t = 0 with its CLIP embedding as the pooled vector, audio
-        absent. ``prefix_fn(output)`` (on the last step's conditional output) replaces the final latents as
-        the decoder prefix, e.g. a head mapping ``text_hidden`` to LM embeddings."""
+        """Captions PIL images: the image is clean at t = 0 with its CLIP embedding as the pooled vector,
+        audio is absent; the unconditional branch has a random image at t = 1000 and a zero pooled vector."""
         latents, pooled = self.encode_images(images, generator)
         batch = len(images)
         audio, audio_t = self.absent_audio(batch, generator)
         cond = StreamInputs(latents, self._full(batch, 0.0), audio, audio_t, pooled)
         uncond = replace(cond, image=self._randn(latents.shape, generator), image_t=self._full(batch, ABSENT_T),
                          pooled=self.zero_pooled(batch))
-        sample = self.sample_text_latents(
-            cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-            x0_fn=x0_fn, generator=generator,
-        )
-        return self._finish(sample, prefix_fn, max_new_tokens, num_beams)
+        return self.generate_text(cond, uncond, guidance_scale=guidance_scale, generator=generator, **options)
 
     def text_to_text(
-        self,
-        texts: list[str],
-        *,
-        strength: float = 0.6,
-        guidance_scale: float = 1.0,
-        num_inference_steps: int = 28,
-        x0_fn: X0Fn | None = None,
-        prefix_fn: PrefixFn | None = None,
-        max_new_tokens: int = 64,
-        num_beams: int = 1,
-        generator: torch.Generator | None = None,
+        self, texts: list[str], *, strength: float = 0.6, guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None, **options,
     ) -> list[str]:
         """Rewrites texts: their text-VAE latents, noised to ``strength``, are denoised with image and audio
         absent. The pooled vector is the CLIP text embedding when ``clip_text`` is loaded, else zeros (then
         ``strength`` must be < 1, or the source would be ignored). ``strength = 0`` is a pure VAE round trip."""
         batch = len(texts)
-        has_clip = self.c.clip_text is not None
+        has_clip = self.components.clip_text is not None
         if strength >= 1.0 and not has_clip:
             raise ValueError("text_to_text with strength >= 1 ignores the source text unless 'clip_text' is loaded")
         init = self.text_vae.encode(list(texts)).float()
         if strength <= 0.0:
-            return self.decode(init, max_new_tokens=max_new_tokens, num_beams=num_beams)
+            decoding = {k: options[k] for k in ("max_new_tokens", "num_beams") if k in options}
+            return self.decode(init, **decoding)
         image, image_t = self.absent_image(batch, generator)
         audio, audio_t = self.absent_audio(batch, generator)
         pooled = self.encode_text_pooled(texts) if has_clip else self.zero_pooled(batch)
         cond = StreamInputs(image, image_t, audio, audio_t, pooled)
-        sample = self.sample_text_latents(
+        return self.generate_text(
             cond, replace(cond, pooled=self.zero_pooled(batch)), guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps, init_latents=init, strength=strength, x0_fn=x0_fn,
-            generator=generator,
+            init_latents=init, strength=strength, generator=generator, **options,
         )
-        return self._finish(sample, prefix_fn, max_new_tokens, num_beams)
 
     def audio_to_text(
-        self,
-        audio_latents: torch.Tensor,
-        audio_pooled: torch.Tensor | None = None,
-        *,
-        guidance_scale: float = 4.0,
-        num_inference_steps: int = 28,
-        x0_fn: X0Fn | None = None,
-        prefix_fn: PrefixFn | None = None,
-        max_new_tokens: int = 64,
-        num_beams: int = 1,
-        generator: torch.Generator | None = None,
+        self, audio_latents: torch.Tensor, audio_pooled: torch.Tensor | None = None, *,
+        guidance_scale: float = 4.0, generator: torch.Generator | None = None, **options,
     ) -> list[str]:
         """Captions audio given its AudioLDM2-VAE latents x scaling_factor [B, 8, 256, 16] and optionally its
         LanguageBind audio embedding [B, E] (placed in the pooled vector's leading dims). Neither encoder is
@@ -295,12 +280,7 @@ class OmniFlowPipeline:
         cond = StreamInputs(image, image_t, audio, self._full(batch, 0.0), pooled)
         uncond = replace(cond, audio=self._randn(audio.shape, generator), audio_t=self._full(batch, ABSENT_T),
                          pooled=self.zero_pooled(batch))
-        sample = self.sample_text_latents(
-            cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-            x0_fn=x0_fn, generator=generator,
-        )
-        return self._finish(sample, prefix_fn, max_new_tokens, num_beams)
-
+        return self.generate_text(cond, uncond, guidance_scale=guidance_scale, generator=generator, **options)
 
 def _rows(output: OmniFlowTransformerOutput, rows: slice) -> OmniFlowTransformerOutput:
     """The given batch rows of every field of a transformer output."""

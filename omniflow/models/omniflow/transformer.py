@@ -287,7 +287,7 @@ class OmniFlowTransformer(ModelMixin, ConfigMixin):
             if timestep is None:
                 raise ValueError("the image stream needs `timestep`")
             height, width = image.shape[-2:]
-            t_image = self.time_text_embed(_batched(timestep, batch), pooled_projections)
+            t_image = self.time_text_embed(_batched(timestep, pooled_projections), pooled_projections)
             image = self.pos_embed(image)
         if not drop_audio:
             if audio_hidden_states is None:
@@ -295,13 +295,13 @@ class OmniFlowTransformer(ModelMixin, ConfigMixin):
                 timestep_audio = torch.zeros(batch, device=pooled_projections.device)
             elif timestep_audio is None:
                 raise ValueError("`audio_hidden_states` were given without `timestep_audio`")
-            t_audio = self.time_aud_embed(_batched(timestep_audio, batch), pooled_projections)
+            t_audio = self.time_aud_embed(_batched(timestep_audio, pooled_projections), pooled_projections)
             audio = self.audio_embedder(audio_hidden_states)
         use_text_output = use_text_output and text is not None
         if use_text_output:
             if timestep_text is None:
                 raise ValueError("use_text_output=True needs `timestep_text`")
-            t_text = self.time_image_embed(_batched(timestep_text, batch), pooled_projections)
+            t_text = self.time_image_embed(_batched(timestep_text, pooled_projections), pooled_projections)
         if text is not None:
             text = self.context_embedder(text)
 
@@ -316,6 +316,8 @@ class OmniFlowTransformer(ModelMixin, ConfigMixin):
             temb, temb_audio, temb_text = embeds
         else:
             present = [e for e in embeds if e is not None]
+            if not present:
+                raise ValueError("no stream left to condition on: image and audio dropped and use_text_output=False")
             temb = present[0]
             for e in present[1:]:
                 temb = temb + e
@@ -348,10 +350,10 @@ class OmniFlowTransformer(ModelMixin, ConfigMixin):
         )
 
 
-def _batched(timestep: torch.Tensor | float, batch: int) -> torch.Tensor:
-    """A scalar or [B] timestep as a [B] tensor."""
-    timestep = torch.as_tensor(timestep)
-    return timestep.expand(batch) if timestep.ndim == 0 else timestep
+def _batched(timestep: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or [B] timestep as a [B] tensor on ``like``'s device (B = ``like.shape[0]``)."""
+    timestep = torch.as_tensor(timestep, device=like.device)
+    return timestep.expand(like.shape[0]) if timestep.ndim == 0 else timestep
 
 
 def _check_config(config) -> None:
