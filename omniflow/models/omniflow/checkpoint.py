@@ -122,10 +122,11 @@ def load_omniflow_weights(
 ) -> LoadReport:
     """Strictly loads a ``transformer/`` folder into the given modules (either may be None to skip it).
 
-    Modules may live on the meta device (such tensors are replaced; materialised ones are copied into). ``text_decoder.encoder.*`` keys
-    fill ``text_vae.encoder`` when one is attached (all of them, or none and the attached weights stay);
-    without an attached encoder they are skipped. Raises :class:`CheckpointError` listing every missing,
-    unexpected and mis-shaped key with the file(s) read.
+    Modules may live on the meta device (such tensors are replaced; materialised ones are copied into);
+    ``dtype`` casts each tensor as it is read. ``text_decoder.encoder.*`` keys fill ``text_vae.encoder``
+    when one is attached (all of them, or none and the attached weights stay); without an attached encoder
+    they are skipped. Raises :class:`CheckpointError` listing every missing, unexpected and mis-shaped key
+    with the file(s) read.
     """
     files = weight_files(folder)
     targets = {"": transformer, TEXT_PREFIX: text_vae}

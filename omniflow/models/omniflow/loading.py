@@ -121,7 +121,7 @@ def load_omniflow(
         with init_empty_weights():
             out.transformer = OmniFlowTransformer.from_transformer_config(config, latent_dim)
     if out.transformer is not None or out.text_vae is not None:
-        report = load_omniflow_weights(root / "transformer", out.transformer, out.text_vae)
+        report = load_omniflow_weights(root / "transformer", out.transformer, out.text_vae, dtype=dtype)
         logger.info("loaded %d tensors from %s", report.loaded, report.files)
         if load_ema:
             if out.transformer is None:
