@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 
+from omniflow.models.omniflow.errors import OmniFlowConfigError
 from omniflow.models.omniflow.pipeline import OmniFlowPipeline, StreamInputs
 from omniflow.models.omniflow.text_vae import decoder_targets
 from omniflow.models.omniflow.tiny import shakespeare_lines
+from omniflow.models.omniflow.transformer import OmniFlowTransformer
 from omniflow_helpers import tiny_build, tiny_loaded, tiny_saved
 
 TEXTS = ["Shall I compare thee to a summer's day?", "Thou art more lovely and more temperate.", ""]
@@ -291,3 +293,34 @@ def test_bf16_training_step():
     F.cross_entropy(logits[:, :-1].flatten(0, 1), targets["labels"][:, 1:].flatten(), ignore_index=-100).backward()
     assert head.weight.grad is not None and torch.isfinite(head.weight.grad.float()).all()
 
+
+
+@pytest.mark.parametrize("qk_norm", ["rms_norm", None])
+def test_other_qk_norms_build_and_run(qk_norm):
+    config = {**tiny_build().transformer.config, "qk_norm": qk_norm}
+    transformer = OmniFlowTransformer.from_transformer_config(config, 64).eval()
+    names = {n for n, _ in transformer.named_parameters()}
+    assert ("transformer_blocks.0.attn.norm_added_q.weight" in names) == (qk_norm == "rms_norm")
+    assert ("transformer_blocks.0.attn.norm_q.weight" in names) == (qk_norm is not None)
+    with torch.no_grad():
+        out = transformer(**_inputs(transformer, 2, torch.float32), drop_image=True)
+    assert out.image is None and out.text_x0.shape == (2, 32, 64) and out.audio.shape == (2, 8, 256, 16)
+
+
+def test_unsupported_transformer_configs_are_rejected():
+    config = dict(tiny_build().transformer.config)
+    with pytest.raises(OmniFlowConfigError, match="use_audio_mae=True is not supported"):
+        OmniFlowTransformer.from_transformer_config({**config, "use_audio_mae": True})
+    with pytest.raises(OmniFlowConfigError, match="caption_projection_dim=48 must equal"):
+        OmniFlowTransformer.from_transformer_config({**config, "caption_projection_dim": 48})
+
+
+def test_scheduler_noise_and_training_timesteps():
+    scheduler = tiny_loaded().scheduler
+    x0, noise = torch.ones(2, 3), torch.zeros(2, 3)
+    noised = scheduler.add_noise(x0, noise, torch.tensor([0.25, 1.0]))
+    assert torch.equal(noised, torch.tensor([[0.75] * 3, [0.0] * 3]))
+    draw = lambda: scheduler.sample_train_timesteps(64, torch.Generator().manual_seed(0))
+    timesteps = draw()
+    assert torch.equal(timesteps, draw()) and timesteps.shape == (64,)
+    assert set(timesteps.tolist()) <= set(scheduler.train_table(shift=1.0)[0].tolist())
