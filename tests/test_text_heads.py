@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -21,6 +22,7 @@ from omniflow.models.text_heads import (
 from omniflow.runtime.errors import CheckpointError, ConfigError
 from omniflow.runtime.export import export_weights
 from omniflow.runtime.options import parse_options
+from text_heads_helpers import codes_near_each_rank, rank_batch, vq_head_worker
 
 IN, LAT, LM, TOKENS = 48, 8, 32, 6  # tiny stand-ins for 4096, 64, 2048 and 32 tokens
 
@@ -336,3 +338,24 @@ def test_features_of_the_wrong_width_are_refused():
     stack, _ = build_stack("baseline", LAT)
     with pytest.raises(ValueError, match=r"expect features \[B, T, 48\], got \(2, 6, 47\)"):
         stack(torch.randn(2, TOKENS, IN - 1))
+
+
+def test_two_ranks_share_code_statistics_and_restarts(tmp_path):
+    mp.spawn(vq_head_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for result in ranks:  # each rank uses one code; together two of eight, equally often
+        assert result["usage"].item() == 0.25
+        assert result["perplexity"].item() == pytest.approx(2.0, rel=1e-5)
+    torch.testing.assert_close(ranks[0]["codes"], ranks[1]["codes"])
+    assert torch.equal(ranks[0]["codes"][:2], codes_near_each_rank()[:2])
+    rank0_rows = rank_batch(0).reshape(-1, 4)
+    assert all((rank0_rows == code).all(dim=1).any() for code in ranks[0]["codes"][2:])
+
+
+def test_bf16_autocast_keeps_losses_in_fp32():
+    stack, prefix_proj = build_stack("vq_refiner", LM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = stack(torch.randn(2, TOKENS, IN))
+        losses = stack.auxiliary_losses(out, torch.randn(2, TOKENS, LAT), prefix_proj)
+    assert out.latents_or_prefix.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in losses.values())
