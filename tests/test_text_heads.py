@@ -172,7 +172,8 @@ def test_vq_straight_through_and_commitment_side():
     n = z.numel()
     # commitment beta*||z - sg(e)||^2 moves the head output; the codebook term ||sg(z) - e||^2 moves the codes
     torch.testing.assert_close(z.grad, 0.25 * 2 * (z - chosen).detach() / n)
-    expected_code_grad = torch.zeros_like(codes).index_add_(0, out.indices.flatten(), 2 * (chosen - z).detach().reshape(-1, 4) / n)
+    per_token = 2 * (chosen - z).detach().reshape(-1, 4) / n
+    expected_code_grad = torch.zeros_like(codes).index_add_(0, out.indices.flatten(), per_token)
     torch.testing.assert_close(vq.quantizer.embedding.weight.grad, expected_code_grad)
     torch.testing.assert_close(out.loss, F.mse_loss(chosen, z.detach()) * 1.25)
 

@@ -94,7 +94,8 @@ class TextDecoderHead(nn.Module):
         if out_dim not in (latent_dim, lm_hidden_dim):
             raise ConfigError(
                 f"--text_decoder_head_dim {out_dim} is not supported: use {latent_dim} (the text latent, "
-                f"fed to the decoder's prefix projection) or {lm_hidden_dim} (the LM hidden size, fed as the LM prefix)")
+                f"fed to the decoder's prefix projection) or {lm_hidden_dim} (the LM hidden size, "
+                f"fed as the LM prefix)")
         self.kind = "latent" if out_dim == latent_dim else "prefix"
         self.in_dim, self.out_dim = in_dim, out_dim
         self.linear = nn.Linear(in_dim, out_dim)
@@ -171,7 +172,8 @@ class VQCodebookHead(nn.Module):
     usage) is summed over ranks and restarts are broadcast from rank 0; in eval it is per rank.
     """
 
-    def __init__(self, codebook_dim: int, num_codes: int = 8192, beta: float = 0.25, dead_code_steps: int = 100) -> None:
+    def __init__(self, codebook_dim: int, num_codes: int = 8192, beta: float = 0.25,
+                 dead_code_steps: int = 100) -> None:
         super().__init__()
         self.quantizer = VectorQuantizer(num_codes, codebook_dim, beta=beta, dead_code_steps=dead_code_steps)
 
@@ -222,7 +224,8 @@ class TextHeadStack(nn.Module):
             self.kind, width = self.head.kind, self.head.out_dim
         else:
             if text_output is None:
-                raise ConfigError("without --use_text_decoder_head the released text_output Linear is the head: pass it")
+                raise ConfigError("without --use_text_decoder_head the released text_output Linear "
+                                  "is the head: pass it")
             if (text_output.in_features, text_output.out_features) != (in_dim, latent_dim):
                 raise CheckpointError(f"text_output weight {tuple(text_output.weight.shape)} does not map "
                                       f"{in_dim}-d features to {latent_dim}-d latents")
@@ -322,7 +325,8 @@ def next_token_logits(lm_logits: torch.Tensor, prefix_len: int) -> torch.Tensor:
     predict target tokens ``0 .. L - 1``: ``lm_logits[:, prefix_len - 1 : -1]``.
     """
     if not 1 <= prefix_len < lm_logits.shape[1]:
-        raise ValueError(f"prefix_len {prefix_len} must lie in [1, {lm_logits.shape[1]}) for logits {tuple(lm_logits.shape)}")
+        raise ValueError(f"prefix_len {prefix_len} must lie in [1, {lm_logits.shape[1]}) "
+                         f"for logits {tuple(lm_logits.shape)}")
     return lm_logits[:, prefix_len - 1 : -1]
 
 
@@ -341,7 +345,8 @@ def text_decoder_loss(logits: torch.Tensor, target_ids: torch.Tensor, attention_
     scored = torch.ones_like(target_ids, dtype=torch.bool)
     if attention_mask is not None:
         if attention_mask.shape != target_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match target_ids {tuple(target_ids.shape)}")
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match "
+                             f"target_ids {tuple(target_ids.shape)}")
         scored &= attention_mask.bool()
     if pad_token_id is not None:
         scored &= target_ids != pad_token_id
