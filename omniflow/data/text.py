@@ -124,6 +124,10 @@ class DataConfig:
             raise ConfigError(f"{self.where}: dataset names must be unique, got {names}")
         for i, spec in enumerate(self.datasets):
             at = f"{self.where}: datasets[{i}] ({spec.name})"
+            for key, kinds in (("name", str), ("source", str), ("streaming", bool), ("train_split", (str, type(None))),
+                               ("eval_split", (str, type(None)))):
+                if not isinstance(getattr(spec, key), kinds):
+                    raise ConfigError(f"{at}: {key} has the wrong type: {getattr(spec, key)!r}")
             if spec.task not in TASKS:
                 raise ConfigError(f"{at}: task must be one of {list(TASKS)}, got {spec.task!r}")
             if not isinstance(spec.weight, (int, float)) or not spec.weight > 0:
@@ -137,7 +141,7 @@ class DataConfig:
                         f"copy run `python scripts/download_data.py --{spec.hub.key}` and set source to "
                         f"data/{spec.hub.key}")
                 if spec.task != spec.hub.task:
-                    raise ConfigError(f"{at}: {spec.source} is a {spec.hub.task} set, not {spec.task}")
+                    raise ConfigError(f"{at}: {spec.source} holds {spec.hub.task} examples, not {spec.task}")
                 bad = [s for s in (spec.train_split, spec.eval_split) if s not in (None, *spec.hub.splits)]
                 if bad:
                     raise ConfigError(f"{at}: splits of {spec.source} are {list(spec.hub.splits)}, got {bad}")
@@ -178,9 +182,8 @@ def choose_reference(record_id: str, references: Sequence[str], draw: int = 0) -
 
 
 def load_audio(file, sample_rate: int) -> torch.Tensor:
-    """A mono float32 waveform at `sample_rate` from a path or file bytes."""
-    samples, rate = soundfile.read(io.BytesIO(file) if isinstance(file, bytes) else file, dtype="float32",
-                                   always_2d=True)
+    """A mono float32 waveform at `sample_rate` from a path or a file object."""
+    samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
     samples = samples.mean(axis=1)
     if rate != sample_rate:
         step = math.gcd(rate, sample_rate)
@@ -196,16 +199,25 @@ def make_example(record: dict, config: DataConfig, draw: int = 0, folder: Path |
             return value
         return folder / value
 
-    image, audio = media("image"), media("audio")
+    def decode(key, load, size):
+        value = media(key)
+        if value is None:
+            return None
+        try:
+            return load(io.BytesIO(value) if isinstance(value, bytes) else value, size)
+        except (OSError, RuntimeError, ValueError) as err:  # PIL and libsndfile errors on unreadable files
+            where = "in-memory bytes" if isinstance(value, bytes) else str(value)
+            raise DataError(f"dataset '{record['dataset']}' record {record['id']}: cannot read {key} from "
+                            f"{where} ({type(err).__name__}: {err})") from None
+
     return {
         "id": record["id"],
         "dataset": record["dataset"],
         "task": record["task"],
         "text": choose_reference(record["id"], record["references"], draw),
         "references": list(record["references"]),
-        "image": None if image is None else load_image(io.BytesIO(image) if isinstance(image, bytes) else image,
-                                                       config.image_size),
-        "audio": None if audio is None else load_audio(audio, config.audio_sample_rate),
+        "image": decode("image", load_image, config.image_size),
+        "audio": decode("audio", load_audio, config.audio_sample_rate),
     }
 
 
