@@ -5,8 +5,9 @@ Training signal of one batch (OmniFlow's conventions, see ``omniflow/models/omni
 1. the target text's latent ``x0 = text_vae.encode(text)`` [B, 32, 64] is noised to a sampled
    ``sigma``: ``x_t = sigma * noise + (1 - sigma) * x0``, text timestep ``1000 * sigma``;
 2. the condition is fed clean at t = 0 (image->text: VAE image latents with the CLIP image embedding
-   as pooled vector; audio->text: AudioLDM2-VAE latents), absent streams are random at t = 1000 and a
-   text task ("denoise and decode the same text") has no other condition (pooled vector zero);
+   as pooled vector; audio->text: AudioLDM2-VAE latents), absent streams are random at t = 1000; a
+   text task ("denoise and decode the same text") has the text's CLIP-L/CLIP-G embedding as pooled
+   vector, as the pipeline's ``text_to_text``;
 3. the frozen transformer (no gradient) gives ``text_hidden``, the features before ``text_output``;
 4. the head stack maps them to latents or an LM prefix, the frozen decoder is teacher-forced on
    ``BOS text EOS``: shifted cross-entropy with padding masked, plus the stack's auxiliary terms
@@ -29,7 +30,8 @@ from ..models.text_heads import TextHeadStack, text_decoder_loss
 from .audio import AudioLatentEncoder, load_audio_encoder
 
 BASE_COMPONENTS = ("transformer", "text_vae", "scheduler")
-TASK_COMPONENTS = {"text": ("text_encoder",), "image_to_text": ("vae", "clip_image"), "audio_to_text": ()}
+# A text task is conditioned on the source's CLIP-L/CLIP-G pooled embedding, as the pipeline's text_to_text does.
+TASK_COMPONENTS = {"text": ("text_encoder", "clip_text"), "image_to_text": ("vae", "clip_image"), "audio_to_text": ()}
 # Guidance per task when --guidance_scale is not given: none, since heads are trained on conditional inputs only.
 DEFAULT_GUIDANCE = 1.0
 
@@ -96,6 +98,9 @@ class TextJobModel:
         image, image_t = self.pipe.absent_image(size, generator)
         audio, audio_t = self.pipe.absent_audio(size, generator)
         pooled = self.pipe.zero_pooled(size)
+        rows = [i for i, task in enumerate(tasks) if task == "text"]
+        if rows and self.pipe.components.clip_text is not None:
+            pooled[rows] = self.pipe.encode_text_pooled([batch["text"][i] for i in rows])
         rows = [i for i, task in enumerate(tasks) if task == "image_to_text"]
         if rows:
             pictures = [to_pil_image(batch["image"][i].cpu()) for i in rows]

@@ -1,0 +1,222 @@
+"""The text job end to end on a tiny OmniFlow and the embedded sample data: train_text.py for the four
+head variants (train, save, resume, export), generate_text.py (real sampling with the head),
+eval_text.py, learning, and the one-line errors."""
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from omniflow.models.omniflow.errors import MissingComponentError
+from omniflow.runtime.errors import CheckpointError
+from omniflow.text_job.audio import FRAMES, N_MELS, load_audio_encoder, log_mel_spectrogram, mel_filters
+from omniflow.text_job.checkpoints import resolve_head_checkpoint
+from omniflow.text_job.model import TextJobModel
+from text_job_helpers import build_world, error_line, metrics, run_script, train_losses
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = {
+    "baseline": [],
+    "refiner": ["--use_latent_refiner", "--latent_refiner_hidden_dim", "16"],
+    "vq": ["--use_vq_codebook", "--vq_codebook_size", "32"],
+    "vq_refiner": ["--use_vq_codebook", "--vq_codebook_size", "32", "--use_latent_refiner",
+                   "--latent_refiner_hidden_dim", "16"],
+}
+STEPS = 4
+TRAIN = ["--use_text_decoder_head", "--text_decoder_head_hidden_dim", "64", "--batch_size", "2",
+         "--max_train_steps", str(STEPS), "--log_interval", "1", "--save_interval", "2", "--eval_interval", "2",
+         "--max_eval_samples", "2", "--lr", "1e-3", "--report_to", "none"]
+GENERATE = ["--max_samples", "2", "--batch_size", "2", "--num_inference_steps", "2", "--max_new_tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("text_job"))
+
+
+@pytest.fixture(scope="module")
+def variant_runs(world):
+    """Each variant trained STEPS steps (checkpoints at 2 and 4) and its best head's predictions."""
+    runs = {}
+    data = ["--data_config", world.data["mixed"]]
+    for name, flags in VARIANTS.items():
+        out = runs[name] = world.root / "runs" / name
+        run_script("train_text.py", *world.model_args(), *data, *TRAIN, *flags, "--output_dir", out)
+        run_script("generate_text.py", *world.model_args(), *data, "--checkpoint", f"{out}/best_*",
+                   "--output", out / "predictions.json", *GENERATE)
+    return runs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_trains_logs_and_exports(variant_runs, variant):
+    out = variant_runs[variant]
+    logged = metrics(out)
+    steps = [m for m in logged if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
+    expected = {"loss", "ce", "perplexity", "token_accuracy", "latent_mse", "lr", "samples_per_s", "tokens_per_s"}
+    if "vq" in variant:
+        expected |= {"vq_loss", "vq_perplexity", "vq_usage"}
+    assert expected <= set(steps[0])
+    assert all(math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 for m in steps)
+    validation = [m for m in logged if "val/loss" in m]
+    assert [m["step"] for m in validation] == [2, 4]
+    assert {"val/ce", "val/token_accuracy", "val/perplexity", "val/photos/loss", "val/sonnets/loss"} <= set(validation[0])
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    best, final = json.loads((out / "best_head/config.json").read_text()), json.loads(
+        (out / "final_head/config.json").read_text())
+    assert best["val_loss"] == pytest.approx(min(m["val/loss"] for m in validation))
+    assert final["step"] == STEPS and best["options"]["use_vq_codebook"] == ("vq" in variant)
+    assert best["options"]["use_latent_refiner"] == ("refiner" in variant)
+
+
+def test_predictions_are_generated_by_each_variant_and_scored_side_by_side(world, variant_runs, tmp_path):
+    files = [variant_runs[name] / "predictions.json" for name in VARIANTS]
+    for path in files:
+        records = json.loads(path.read_text())
+        assert [r["task"] for r in records] == ["image_to_text"] * 2 + ["text"] * 2
+        assert all(set(r) == {"id", "task", "dataset", "prediction", "references"} for r in records)
+        assert all(isinstance(r["prediction"], str) and r["references"] for r in records)
+    scores = tmp_path / "scores.json"
+    result = run_script("eval_text.py", "--predictions", *files, "--by_task", "--output_json", scores)
+    table = json.loads(scores.read_text())["overall"]
+    assert [name.split("/")[0] for name in table] == list(VARIANTS)
+    assert "| predictions | BLEU-4 | ROUGE-L |" in result.stdout
+
+
+def test_resume_reproduces_the_uninterrupted_run(world, variant_runs, tmp_path):
+    full = variant_runs["vq_refiner"]
+    resumed = tmp_path / "resumed"
+    run_script("train_text.py", *world.model_args(), "--data_config", world.data["mixed"], *TRAIN,
+               *VARIANTS["vq_refiner"], "--output_dir", resumed, "--resume_from_checkpoint", full / "checkpoint-2")
+    expected = {step: loss for step, loss in train_losses(full).items() if step > 2}
+    assert train_losses(resumed) == expected
+    assert [m["step"] for m in metrics(resumed) if "val/loss" in m] == [4]
+
+
+def test_head_learns_and_its_generations_improve(world, tmp_path):
+    """Two training sentences: the loss falls, and sampled texts share more with them than the released
+    text_output's (scored on the training sentences themselves: a random tiny backbone does not generalise)."""
+    out = tmp_path / "learn"
+    run_script("train_text.py", *world.model_args(), "--data_config", world.data["two_sentences"],
+               "--use_text_decoder_head", "--batch_size", "2", "--max_train_steps", "120", "--lr", "1e-2",
+               "--noise_shift", "0.1", "--log_interval", "10", "--eval_interval", "120", "--report_to", "none",
+               "--output_dir", out)
+    losses = list(train_losses(out).values())
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
+    predictions = {}
+    for checkpoint in ("none", out / "final_head"):
+        path = tmp_path / f"{'before' if checkpoint == 'none' else 'after'}.json"
+        run_script("generate_text.py", *world.model_args(), "--data_config", world.data["two_sentences"],
+                   "--split", "train", "--checkpoint", checkpoint, "--num_inference_steps", "10", "--strength", "0.1",
+                   "--max_new_tokens", "30", "--output", path)
+        predictions[path.stem] = path
+    scores = tmp_path / "scores.json"
+    run_script("eval_text.py", "--predictions", predictions["before"], predictions["after"], "--metrics", "rouge",
+               "bleu", "--output_json", scores)
+    table = json.loads(scores.read_text())["overall"]
+    assert table["after.json"]["rouge"] > table["before.json"]["rouge"], table
+
+
+def test_invalid_head_dim_is_one_line(world, tmp_path):
+    result = run_script("train_text.py", *world.model_args(), "--data_config", world.data["mixed"],
+                        "--use_text_decoder_head", "--text_decoder_head_dim", "100", "--output_dir", tmp_path,
+                        check=False)
+    line = error_line(result)
+    assert "--text_decoder_head_dim 100 is not supported" in line and "64" in line and "96" in line
+
+
+def test_missing_model_names_the_download_command(world, tmp_path):
+    result = run_script("train_text.py", "--model_path", "models/OmniFlow-v0.5", "--data_config",
+                        world.data["mixed"], "--use_text_decoder_head", "--output_dir", tmp_path / "out",
+                        cwd=tmp_path, check=False)
+    assert "python download_models.py --models omniflow" in error_line(result)
+
+
+def test_training_without_a_head_is_refused(world, tmp_path):
+    result = run_script("train_text.py", *world.model_args(), "--data_config", world.data["mixed"],
+                        "--output_dir", tmp_path, check=False)
+    assert "nothing to train" in error_line(result)
+
+
+def test_checkpoint_argument(tmp_path, variant_runs):
+    out = variant_runs["baseline"]
+    assert resolve_head_checkpoint("none") is None and resolve_head_checkpoint(None) is None
+    assert resolve_head_checkpoint(f"{out}/best_*") == out / "best_head"
+    assert resolve_head_checkpoint(str(out)) == out / "best_head"
+    assert resolve_head_checkpoint(str(out / "final_head/model.safetensors")) == out / "final_head"
+    with pytest.raises(CheckpointError, match="matches 2 paths"):
+        resolve_head_checkpoint(f"{out}/*_head")
+    with pytest.raises(FileNotFoundError, match="no file or folder matches"):
+        resolve_head_checkpoint(f"{tmp_path}/best_*")
+    with pytest.raises(FileNotFoundError, match="holds no head export"):
+        resolve_head_checkpoint(str(tmp_path))
+
+
+# ---- audio -> text ----
+
+def write_audio_set(folder, seconds=(1.0, 2.5)):
+    (folder / "audio").mkdir(parents=True)
+    rows = []
+    for i, length in enumerate(seconds):
+        t = np.arange(int(16000 * length)) / 16000
+        soundfile.write(folder / f"audio/clip{i}.wav", np.sin(2 * np.pi * 440 * (i + 1) * t).astype(np.float32), 16000)
+        rows.append({"id": f"clip{i}", "task": "audio_to_text", "audio": f"audio/clip{i}.wav",
+                     "references": [f"a tone number {i}"]})
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def tiny_audio_vae(models_dir):
+    """A small AutoencoderKL shaped like AudioLDM2's (1 mel channel in, 8 latent channels, 4x down)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=8, block_out_channels=(8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=4, scaling_factor=0.6)
+    vae.save_pretrained(models_dir / "audioldm2" / "vae")
+
+
+def test_log_mel_follows_the_audioldm_frontend():
+    filters = mel_filters()
+    assert filters.shape == (N_MELS, 513) and (filters >= 0).all()
+    t = torch.arange(16000 * 2) / 16000
+    mel = log_mel_spectrogram(torch.sin(2 * torch.pi * 1000 * t)[None])
+    assert mel.shape == (1, FRAMES, N_MELS)
+    # 1 kHz is mel 15 on the Slaney scale: filter 21 of 64 between 0 and 8 kHz peaks there.
+    assert int(mel[0, 100].argmax()) == 21
+    # After the 2 s clip the frames hold zero-padding: log(1e-5).
+    assert torch.allclose(mel[0, 300:], torch.tensor(math.log(1e-5)))
+
+
+def test_audio_encoder_missing_names_the_download(tmp_path):
+    with pytest.raises(MissingComponentError, match="download_models.py --models audioldm2_vae"):
+        load_audio_encoder(tmp_path / "models")
+
+
+def test_audio_to_text_trains_and_generates_with_an_audio_vae(world, tmp_path):
+    write_audio_set(tmp_path / "tones")
+    tiny_audio_vae(world.models_dir)
+    try:
+        job = TextJobModel.load(world.model, {"audio_to_text"}, models_dir=world.models_dir, training=True)
+        from omniflow.data.text import DataConfig, build_train_dataset, collate_examples
+        from omniflow.models.text_heads import TextHeadOptions
+
+        config = DataConfig.from_dict({"datasets": [{"name": "tones", "task": "audio_to_text",
+                                                     "source": str(tmp_path / "tones")}]})
+        batch = collate_examples([build_train_dataset(config)[i] for i in range(2)])
+        latents = job.audio_encoder.encode(batch["audio"], batch["audio_lengths"])
+        assert latents.shape == (2, 8, 256, 16)
+        stack = job.new_head_stack(TextHeadOptions(use_text_decoder_head=True, text_decoder_head_hidden_dim=32))
+        terms = job.head_terms(stack, batch)
+        terms.loss.backward()
+        assert math.isfinite(terms.loss.item()) and stack.head.linear.weight.grad.abs().sum() > 0
+        texts = job.generate(batch, stack.eval(), num_inference_steps=2, max_new_tokens=4,
+                             generator=torch.Generator().manual_seed(0))
+        assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    finally:
+        import shutil
+
+        shutil.rmtree(world.models_dir / "audioldm2")

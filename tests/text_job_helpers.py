@@ -1,0 +1,68 @@
+"""Helpers for the text-job tests: a tiny OmniFlow and the embedded sample data, built once, and the
+three scripts run as subprocesses the way a user runs them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omniflow.data.sample_text import write_sample_text_data
+from omniflow.models.omniflow.tiny import make_tiny_omniflow
+from runtime_helpers import REPO, env
+
+SCRIPTS = REPO / "scripts"
+
+
+@dataclass
+class TinyWorld:
+    """Paths of the tiny OmniFlow (``model``, ``models_dir``) and of data configs over the sample data."""
+
+    root: Path
+    model: Path
+    models_dir: Path
+    data: dict[str, Path]
+
+    def model_args(self) -> list[str]:
+        return ["--model_path", str(self.model), "--models_dir", str(self.models_dir)]
+
+
+def build_world(root: Path) -> TinyWorld:
+    paths = make_tiny_omniflow(root / "tiny")
+    folders = write_sample_text_data(root / "data", n_text=40, variants=2)
+    configs = {
+        # 4 photos (2 training crops each, the whole photo held out) and 8 + 8 sonnet sentences.
+        "mixed": [("photos", "image_to_text", folders["photos"], 8), ("sonnets", "text", folders["shakespeare"], 8)],
+        # Two sentences: the learning test's memorisation task.
+        "two_sentences": [("sonnets", "text", folders["shakespeare"], 2)],
+    }
+    data = {}
+    for name, sets in configs.items():
+        datasets = [{"name": n, "task": task, "source": str(folder), "max_samples": limit}
+                    for n, task, folder, limit in sets]
+        data[name] = root / f"{name}.json"
+        data[name].write_text(json.dumps({"datasets": datasets, "image_size": 64, "max_length": 40}))
+    return TinyWorld(root, paths.model_path, paths.models_dir, data)
+
+
+def run_script(name: str, *args, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(output_dir) if "loss" in m}
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a user-facing error (exit status 2)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
