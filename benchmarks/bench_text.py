@@ -1,0 +1,130 @@
+"""Text-head training throughput: the step of train_text.py (frozen OmniFlow forward without gradients,
+head, teacher-forced frozen decoder with gradients to the head, AdamW), timed per batch size.
+
+    python benchmarks/bench_text.py                 # CPU: the tiny config; CUDA: also the full-size config
+    python benchmarks/bench_text.py --batch_sizes 8 16 32 --json_out bench_text.json
+
+Models have random weights: the tiny config (``configs/omniflow_tiny``, fp32) and, on CUDA, the assumed
+release-sized OmniFlow-v0.5 (``configs/omniflow_v05``, bf16, decoder gradient checkpointing). Batches are
+text-task batches of Sonnet sentences (pooled vector zero, image and audio absent at t = 1000), so the
+image VAE and CLIP are not timed; the transformer's cost is that of image->text at the same image size.
+Tokenizers are the tiny ones (trained here on Shakespeare), so target lengths differ from TinyLlama's;
+tokens/s counts the scored target tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, T5Config, T5EncoderModel
+
+from omniflow.data.sample_text import sonnet_sentences
+from omniflow.models.omniflow.loading import OmniFlowComponents
+from omniflow.models.omniflow.pipeline import OmniFlowPipeline
+from omniflow.models.omniflow.scheduler import FlowMatchEulerScheduler
+from omniflow.models.omniflow.text_vae import OmniFlowTextVAE
+from omniflow.models.omniflow.tiny import TINY_CONFIG_DIR, shakespeare_lines, train_tokenizers
+from omniflow.models.omniflow.transformer import OmniFlowTransformer
+from omniflow.models.text_heads import TextHeadOptions
+from omniflow.text_job.model import TextJobModel
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {  # name -> (config folder, T5 encoder config file)
+    "omniflow_tiny": (TINY_CONFIG_DIR, "t5_encoder.json"),
+    "omniflow_v05": (REPO / "configs" / "omniflow_v05", "flan_t5_large_encoder.json"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 16, 32], help="batch sizes to time")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per batch size")
+    parser.add_argument("--json_out", type=Path, default=None, help="also write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def random_job(name: str, device: torch.device, dtype: torch.dtype) -> TextJobModel:
+    """A frozen OmniFlow with random weights built from a config folder, wrapped for the text job."""
+    config_dir, t5_file = CONFIGS[name]
+    sizes = json.loads((TINY_CONFIG_DIR / "tokenizers.json").read_text())
+    vae_tokenizer, t5_tokenizer, _ = train_tokenizers(shakespeare_lines(sizes["corpus_chars"]), sizes)
+    with torch.device(device):
+        text_vae = OmniFlowTextVAE(LlamaConfig.from_json_file(config_dir / "text_vae.json"))
+        text_vae.attach_encoder(T5EncoderModel(T5Config.from_json_file(config_dir / t5_file)), t5_tokenizer)
+        transformer = OmniFlowTransformer.from_transformer_config(
+            OmniFlowTransformer.load_config(config_dir / "transformer.json"), text_vae.vae_dim)
+    for module in (text_vae, transformer):  # position buffers are built on the CPU: move everything
+        torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
+    parts = OmniFlowComponents(transformer=transformer, text_vae=text_vae, vae_tokenizer=vae_tokenizer,
+                               scheduler=FlowMatchEulerScheduler())
+    return TextJobModel(OmniFlowPipeline(parts), max_length=77)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+def time_training(job: TextJobModel, batch_size: int, args, sentences: list[str]) -> dict:
+    device = job.device
+    stack = job.new_head_stack(TextHeadOptions(use_text_decoder_head=True)).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in stack.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens, start = 0, 0.0
+    for step in range(args.warmup + args.iters):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            tokens, start = 0, time.perf_counter()
+        texts = [sentences[(step * batch_size + i) % len(sentences)] for i in range(batch_size)]
+        with autocast:
+            out = job.head_terms(stack, {"task": ["text"] * batch_size, "text": texts})
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += out.num_tokens
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"batch": batch_size, "samples_per_s": round(batch_size * args.iters / seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1), "steps_per_min": round(60 * args.iters / seconds, 1),
+            "peak_gib": round(peak_memory_gib(device), 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    runs = [("omniflow_tiny", torch.device("cpu"), torch.float32)]
+    if torch.cuda.is_available():
+        runs.append(("omniflow_v05", torch.device("cuda"), torch.bfloat16))
+    sentences = sonnet_sentences()
+    results = []
+    print("| config | device | dtype | batch | samples/s | tokens/s | steps/min | peak memory GiB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for name, device, dtype in runs:
+        job = random_job(name, device, dtype)
+        if device.type == "cuda":
+            job.text_vae.enable_gradient_checkpointing()
+            job.text_vae.model.train()
+        label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        memory = "allocated" if device.type == "cuda" else "process RSS"
+        for batch_size in args.batch_sizes:
+            row = {"config": name, "device": label, "dtype": str(dtype).removeprefix("torch."), "memory": memory,
+                   **time_training(job, batch_size, args, sentences)}
+            results.append(row)
+            print("| {config} | {device} | {dtype} | {batch} | {samples_per_s} | {tokens_per_s} | {steps_per_min} | "
+                  "{peak_gib} ({memory}) |".format(**row), flush=True)
+        del job
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
