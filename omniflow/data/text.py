@@ -265,6 +265,8 @@ class FolderDataset(Dataset):
         if tasks != {spec.task}:
             raise _task_mismatch(spec, file, tasks)
         kept = records.filter(lambda refs: len(refs) > 0, input_columns="references")
+        if len(kept) == 0:
+            raise DataError(f"{file}: no record of dataset '{spec.name}' has a reference text")
         if len(kept) < len(records):
             logger.warning("%s: skipped %d records without a reference text", file, len(records) - len(kept))
         if spec.max_samples is not None:
