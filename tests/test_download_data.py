@@ -22,6 +22,7 @@ from datasets import Audio, Dataset, Features, IterableDataset, Image as ImageFe
 from PIL import Image
 
 from download_helpers import FIXTURES, ROOT, load_script
+from omniflow.data import text_sources as sources
 
 dd = load_script("scripts/download_data.py")
 SPEECH = FIXTURES / "speech_dog_barks.flac"
@@ -87,7 +88,7 @@ def hub(monkeypatch):
                     ("lmms-lab/COCO-Caption", "val"): coco_dataset(),
                     ("OpenSound/AudioCaps", "train"): audiocaps_dataset(),
                     ("OpenSound/AudioCaps", "validation"): audiocaps_dataset()})
-    monkeypatch.setattr(dd, "load_dataset", fake)
+    monkeypatch.setattr(sources, "load_dataset", fake)
     return fake
 
 
@@ -122,13 +123,13 @@ def test_max_samples_and_subset_fraction(tmp_path, hub):
 
 
 def test_coco_photos_captions_and_holdout_split(tmp_path, hub, monkeypatch):
-    monkeypatch.setattr(dd, "HOLDOUT_PERCENT", 80)  # 2 of these 6 ids
+    monkeypatch.setattr(sources, "HOLDOUT_PERCENT", 80)  # 2 of these 6 ids
     assert dd.main(["--coco", "--output_dir", str(tmp_path)]) == 0
     folder = tmp_path / "coco"
     train, validation = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "validation.jsonl")
     ids = {f"COCO_val2014_{name}" for name in PHOTOS}
     assert {r["id"] for r in train} | {r["id"] for r in validation} == ids
-    assert {r["id"] for r in validation} == {i for i in ids if dd.in_validation_holdout(i)}
+    assert {r["id"] for r in validation} == {i for i in ids if sources.in_validation_holdout(i)}
     assert train and validation
     for record in train + validation:
         name = record["id"].removeprefix("COCO_val2014_")
@@ -170,7 +171,7 @@ def test_llava_captions_and_images_from_the_zip(tmp_path, hub, monkeypatch, stre
          "conversations": [{"from": "human", "value": "Give a brief description of the image.\n<image>"},
                            {"from": "gpt", "value": photo(name)[1]}]} for i, name in enumerate(names)])
     hub.tables[("liuhaotian/LLaVA-CC3M-Pretrain-595K", "train")] = chat
-    monkeypatch.setattr(dd, "hf_hub_download", lambda repo, filename, **kw: str(archive))
+    monkeypatch.setattr(sources, "hf_hub_download", lambda repo, filename, **kw: str(archive))
 
     class LocalFileSystem:  # HfFileSystem stand-in: opens the same zip for random access
         def __init__(self, token=None):
@@ -180,8 +181,8 @@ def test_llava_captions_and_images_from_the_zip(tmp_path, hub, monkeypatch, stre
             assert path == "datasets/liuhaotian/LLaVA-CC3M-Pretrain-595K/images.zip"
             return open(archive, mode)
 
-    monkeypatch.setattr(dd, "HfFileSystem", LocalFileSystem)
-    monkeypatch.setattr(dd, "HOLDOUT_PERCENT", 0)
+    monkeypatch.setattr(sources, "HfFileSystem", LocalFileSystem)
+    monkeypatch.setattr(sources, "HOLDOUT_PERCENT", 0)
     args = ["--llava", "--output_dir", str(tmp_path / "data")] + (["--streaming"] if streaming else [])
     assert dd.main(args) == 0
     folder = tmp_path / "data" / "llava"
@@ -201,8 +202,8 @@ def test_interrupted_stream_resumes_without_redoing_rows(tmp_path, hub, monkeypa
         raise ConnectionError("Connection reset by peer")
 
     broken = IterableDataset.from_generator(rows_then_network_failure, features=coco.features)
-    monkeypatch.setattr(dd, "load_dataset", lambda *args, **kwargs: broken)
-    monkeypatch.setattr(dd, "HOLDOUT_PERCENT", 0)
+    monkeypatch.setattr(sources, "load_dataset", lambda *args, **kwargs: broken)
+    monkeypatch.setattr(sources, "HOLDOUT_PERCENT", 0)
     args = ["--coco", "--split", "train", "--output_dir", str(tmp_path)]
     assert dd.main(args) == 1
     assert "failed after 3 rows (ConnectionError: Connection reset by peer); rerun to resume" in capsys.readouterr().err
@@ -214,9 +215,9 @@ def test_interrupted_stream_resumes_without_redoing_rows(tmp_path, hub, monkeypa
         f.write('{"id": "COCO_val2014_torn", "ta')  # a line cut by a crash
 
     converted = []
-    real_jpeg = dd.jpeg_bytes
-    monkeypatch.setattr(dd, "jpeg_bytes", lambda value: converted.append(1) or real_jpeg(value))
-    monkeypatch.setattr(dd, "load_dataset", hub)
+    real_jpeg = sources.jpeg_bytes
+    monkeypatch.setattr(sources, "jpeg_bytes", lambda value: converted.append(1) or real_jpeg(value))
+    monkeypatch.setattr(sources, "load_dataset", hub)
     assert dd.main(args) == 0
     records = read_jsonl(folder / "train.jsonl")
     assert [r["id"] for r in records] == [f"COCO_val2014_{name}" for name in PHOTOS]
@@ -237,9 +238,9 @@ def test_missing_column_is_one_clear_line(tmp_path, hub, capsys):
 def test_media_helpers_keep_jpeg_and_write_pcm_wav():
     buffer = io.BytesIO()
     photo("chelsea")[0].save(buffer, format="JPEG")
-    assert dd.jpeg_bytes({"bytes": buffer.getvalue(), "path": None}) == buffer.getvalue()
+    assert sources.jpeg_bytes({"bytes": buffer.getvalue(), "path": None}) == buffer.getvalue()
     tone = np.sin(np.linspace(0, 100, 4000)).astype(np.float32)
-    wav = dd.wav_bytes({"array": tone, "sampling_rate": 8000})
+    wav = sources.wav_bytes({"array": tone, "sampling_rate": 8000})
     decoded, rate = soundfile.read(io.BytesIO(wav))
     assert rate == 8000 and np.allclose(decoded, tone, atol=1e-4)
 
