@@ -204,9 +204,9 @@ class AlignTrainer:
     """The evaluation, visualisation and export steps around the runtime's loop."""
 
     def __init__(self, run: TrainingRun, pipeline: AlignPipeline, opts: AlignOptions, eval_loader, cached: bool,
-                 visual_images: torch.Tensor):
+                 visual_source: ImageFolderDataset):
         self.run, self.pipeline, self.opts = run, pipeline, opts
-        self.eval_loader, self.cached, self.visual_images = eval_loader, cached, visual_images
+        self.eval_loader, self.cached, self.visual_source = eval_loader, cached, visual_source
         self.best = BestEval()
         run.accelerator.register_for_checkpointing(self.best)
 
@@ -233,10 +233,12 @@ class AlignTrainer:
 
     @torch.no_grad()
     def visualize(self) -> None:
-        """Comparison and latent-channel grids of the fixed visualisation images (PNG + TensorBoard)."""
+        """Comparison and latent-channel grids of the first eval (else training) images (PNG + TensorBoard)."""
         pipeline, run = self.pipeline, self.run
+        count = min(self.opts.num_visualize_samples, len(self.visual_source))
+        images = torch.stack([self.visual_source[i]["image"] for i in range(count)])
         pipeline.module.eval()
-        grids = alignment_grids(pipeline, self.visual_images)
+        grids = alignment_grids(pipeline, images)
         pipeline.module.train()
         if not run.is_main:
             return
@@ -279,8 +281,6 @@ def main() -> None:
         eval_loader = ResumableLoader(training_data(visual_source, pipeline, opts, run, "eval"), opts.eval_batch_size,
                                       shuffle=False, drop_last=False, rank=acc.process_index,
                                       world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
-    visual_images = torch.stack([visual_source[i]["image"]
-                                 for i in range(min(opts.num_visualize_samples, len(visual_source)))])
 
     accumulation = train_opts.gradient_accumulation_steps
     steps_per_epoch = optimizer_steps(len(loader), 1, accumulation)
@@ -296,7 +296,7 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_step_lr(
         opts.warmup_steps, opts.scheduler_step_size * steps_per_epoch, opts.scheduler_gamma))
     pipeline.module, optimizer, scheduler = run.prepare(pipeline.module, optimizer, scheduler)
-    trainer = AlignTrainer(run, pipeline, opts, eval_loader, opts.cache_latents, visual_images)
+    trainer = AlignTrainer(run, pipeline, opts, eval_loader, opts.cache_latents, visual_source)
     run.resume(loader)
     if loader.batch_in_epoch >= len(loader):
         # A checkpoint saved at an epoch's last batch (always so with --save_frequency) holds an

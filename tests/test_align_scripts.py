@@ -30,9 +30,13 @@ TINY_CONFIG = REPO / "configs" / "align" / "tiny.json"
 pytestmark = pytest.mark.slow
 
 
-def run_script(script: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(script), *map(str, args)]
-    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+def run_script(script: Path, *args, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    cmd, run_env = [sys.executable, str(script), *map(str, args)], env()
+    if processes > 1:  # DDP over gloo on the CPU, as tests/runtime_helpers.py launches it
+        cmd[1:1] = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        run_env["ACCELERATE_USE_CPU"] = "true"
+    result = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"{script.name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
@@ -119,7 +123,12 @@ def test_training_lowers_the_latent_loss_and_reports(full_run):
 
 def test_resume_from_a_checkpoint_is_exact(full_run, vae_dirs, images, tmp_path):
     resumed = tmp_path / "resumed"
-    run_script(TRAIN, *tiny_args(vae_dirs, images, resumed), "--resume_from_checkpoint", full_run / "checkpoint-6")
+    run_script(TRAIN, *tiny_args(vae_dirs, images, resumed), "--resume_from_checkpoint", full_run / "checkpoint-6",
+               "--num_visualize_samples", "0")  # grids off: they must not change the training
+    assert not (resumed / "visualizations").exists()
+    # the best eval so far is part of the training state (accelerate's custom checkpoint object)
+    best_state = torch.load(full_run / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert best_state == {"loss": eval_lines(full_run)[4]["eval/loss"], "step": 4}
     full, again = train_lines(full_run), train_lines(resumed)
     assert sorted(again) == list(range(7, 13))
     for step in again:
@@ -131,22 +140,24 @@ def test_resume_from_a_checkpoint_is_exact(full_run, vae_dirs, images, tmp_path)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_latent_cache_resume_and_config_round_trip(vae_dirs, images, tmp_path):
+def test_latent_cache_two_processes_resume_and_config_round_trip(vae_dirs, images, tmp_path):
+    """2 DDP processes, latents cached by the main process; 2 steps per epoch, a checkpoint every epoch."""
     first, second, cache = tmp_path / "first", tmp_path / "second", tmp_path / "latents"
     saved, saved_again = tmp_path / "first.json", tmp_path / "second.json"
     run_script(TRAIN, *tiny_args(vae_dirs, images, first, "imagenet"), "--dataset_type", "imagenet",
                "--cache_latents", "--latent_cache_dir", cache, "--input_types", "latent", "--loss_type", "weighted_l1",
-               "--max_train_steps", "8", "--checkpointing_steps", "4", "--config_save_path", saved)
+               "--max_train_steps", "4", "--save_frequency", "1", "--config_save_path", saved, processes=2)
+    assert sorted(p.name for p in first.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     index_times = {split: (cache / split / "index.json").stat().st_mtime_ns for split in ("train", "eval")}
     # everything else comes from the saved file: VAEs, data, cache, module, loss, schedule
     run_script(TRAIN, "--load_config", saved, "--save_dir", second, "--resume_from_checkpoint",
-               first / "checkpoint-4", "--config_save_path", saved_again)
+               first / "checkpoint-2", "--config_save_path", saved_again, processes=2)
     full, again = train_lines(first), train_lines(second)
-    assert sorted(again) == [5, 6, 7, 8]
+    assert sorted(again) == [3, 4]
     assert all(again[s]["loss"] == full[s]["loss"] and again[s]["lr"] == full[s]["lr"] for s in again)
-    # the eval due at step 4 ran after that checkpoint was saved, so the resumed run redoes it
+    # the eval due at step 2 ran after that checkpoint was saved, so the resumed run redoes it
     assert {s: m["eval/loss"] for s, m in eval_lines(second).items()} == \
-        {s: m["eval/loss"] for s, m in eval_lines(first).items() if s >= 4}
+        {s: m["eval/loss"] for s, m in eval_lines(first).items() if s >= 2}
     assert index_times == {split: (cache / split / "index.json").stat().st_mtime_ns for split in ("train", "eval")}
 
     one, two = json.loads(saved.read_text()), json.loads(saved_again.read_text())

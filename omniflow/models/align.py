@@ -263,7 +263,8 @@ class AlignPipeline:
                                    f"{vae_downsample_factor(source)} but the target VAE {target_name} by {factor}")
         self.module = AlignModule(source.config.latent_channels, out_channels, hidden_channels,
                                   num_blocks, downsample_times, input_types)
-        self.input_types = self.module.input_types  # kept here: a DDP/DeepSpeed wrapper hides the module's
+        # kept here: a DDP/DeepSpeed wrapper assigned to self.module hides the module's attributes
+        self.input_types, self.module_config = self.module.input_types, self.module.config
 
     @classmethod
     def from_pretrained(cls, vae1_path: str, vae2_path: str, vae1_subfolder: str | None = None,
@@ -289,7 +290,7 @@ class AlignPipeline:
         """Everything needed to rebuild this pipeline, JSON-serialisable."""
         return {"vae1": asdict(self.sources["vae1"]), "vae2": asdict(self.sources["vae2"]),
                 "direction": self.direction, "loss_type": self.loss_type, "loss_weight": self.loss_weight,
-                "module": self.module.config}
+                "module": self.module_config}
 
     @property
     def source_vae(self) -> AutoencoderKL:
