@@ -200,6 +200,22 @@ def check_resolution(pipeline: AlignPipeline, resolution: int) -> None:
         raise ConfigError(f"--resolution {resolution} is not a multiple of the VAEs' downsampling factor {factor}")
 
 
+def build_loaders(opts: AlignOptions, train_opts: TrainingOptions, pipeline: AlignPipeline, run: TrainingRun):
+    """Training loader, eval loader (None without --eval_data_dir) and the images the grids show."""
+    acc = run.accelerator
+    ranks = {"rank": acc.process_index, "world_size": acc.num_processes,
+             "num_workers": train_opts.dataloader_num_workers}
+    train_images = build_image_dataset(opts.train_data_dir, opts.dataset_type, opts.resolution)
+    loader = ResumableLoader(training_data(train_images, pipeline, opts, run, "train"), opts.train_batch_size,
+                             seed=train_opts.seed, **ranks)
+    if not opts.eval_data_dir:
+        return loader, None, train_images
+    eval_images = build_image_dataset(opts.eval_data_dir, opts.dataset_type, opts.resolution)
+    eval_loader = ResumableLoader(training_data(eval_images, pipeline, opts, run, "eval"), opts.eval_batch_size,
+                                  shuffle=False, drop_last=False, **ranks)
+    return loader, eval_loader, eval_images
+
+
 class AlignTrainer:
     """The evaluation, visualisation and export steps around the runtime's loop."""
 
@@ -271,26 +287,17 @@ def main() -> None:
     check_resolution(pipeline, opts.resolution)
     pipeline.to(run.device)
 
-    train_images = build_image_dataset(opts.train_data_dir, opts.dataset_type, opts.resolution)
-    loader = ResumableLoader(training_data(train_images, pipeline, opts, run, "train"), opts.train_batch_size,
-                             seed=train_opts.seed, rank=acc.process_index, world_size=acc.num_processes,
-                             num_workers=train_opts.dataloader_num_workers)
-    eval_loader, visual_source = None, train_images
-    if opts.eval_data_dir:
-        visual_source = build_image_dataset(opts.eval_data_dir, opts.dataset_type, opts.resolution)
-        eval_loader = ResumableLoader(training_data(visual_source, pipeline, opts, run, "eval"), opts.eval_batch_size,
-                                      shuffle=False, drop_last=False, rank=acc.process_index,
-                                      world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
+    loader, eval_loader, visual_source = build_loaders(opts, train_opts, pipeline, run)
 
     accumulation = train_opts.gradient_accumulation_steps
     steps_per_epoch = optimizer_steps(len(loader), 1, accumulation)
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.epochs, accumulation)
     if opts.save_frequency:
-        run.opts.checkpointing_steps = opts.save_frequency * steps_per_epoch
+        train_opts.checkpointing_steps = opts.save_frequency * steps_per_epoch
     eval_every = opts.eval_frequency * steps_per_epoch if eval_loader is not None else 0
     visualize_every = opts.visualize_frequency * steps_per_epoch if opts.num_visualize_samples else 0
     logger.info("%d optimizer steps (%d per epoch), checkpoints every %d, eval every %d, grids every %d",
-                max_steps, steps_per_epoch, run.opts.checkpointing_steps, eval_every, visualize_every)
+                max_steps, steps_per_epoch, train_opts.checkpointing_steps, eval_every, visualize_every)
 
     optimizer = torch.optim.AdamW(pipeline.module.parameters(), lr=opts.learning_rate, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_step_lr(

@@ -11,6 +11,10 @@ correction on top, so training starts from a linear channel mix instead of from 
 *scaled* latents as the diffusion models see them, ``z = (mean - shift) * scale`` (see
 :func:`latent_affine`), and are taken from ``latent_dist.mean`` rather than a sample, so
 training targets are deterministic.
+
+VAEs load through :func:`omniflow.runtime.hub.resolve_model_path` (local folder, Hub id or
+``download_models.py`` name). A trained module is exported as ``model.safetensors`` plus a
+``config.json`` from :func:`export_config` and rebuilt by :func:`load_aligned_pipeline`.
 """
 from __future__ import annotations
 
