@@ -305,10 +305,6 @@ def main() -> None:
     pipeline.module, optimizer, scheduler = run.prepare(pipeline.module, optimizer, scheduler)
     trainer = AlignTrainer(run, pipeline, opts, eval_loader, opts.cache_latents, visual_source)
     run.resume(loader)
-    if loader.batch_in_epoch >= len(loader):
-        # A checkpoint saved at an epoch's last batch (always so with --save_frequency) holds an
-        # exhausted epoch, which TrainingRun.batches would take for an empty data set: start the next.
-        loader.load_state_dict({"epoch": loader.epoch + 1, "batch_in_epoch": 0})
 
     # At the start, and at a resume step whose checkpoint was saved just before its eval ran.
     if eval_every and run.step % eval_every == 0:

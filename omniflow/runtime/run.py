@@ -140,13 +140,16 @@ class TrainingRun:
         if self.is_main:
             self._bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         while self.step < max_steps and not self.stopped_by_signal:
+            # A checkpoint taken on an epoch's last batch resumes into an exhausted epoch: that is
+            # not an empty data set, only one that yields nothing from the start of an epoch is.
+            fresh_epoch = getattr(loader, "batch_in_epoch", 0) == 0
             empty = True
             for batch in loader:
                 empty = False
                 yield self._to_device(batch)
                 if self.step >= max_steps or self.stopped_by_signal:
                     break
-            if empty:
+            if empty and fresh_epoch:
                 raise ConfigError("the training data yielded no batch (too few samples for the batch size?)")
         self._close_bar()
         if self.stopped_by_signal:
