@@ -94,9 +94,14 @@ class EpochLoader(ResumableLoader):
     """A ResumableLoader that gives its dataset the epoch first (new random clip starts per epoch).
 
     ResumableLoader builds a fresh (non-persistent) DataLoader per epoch, so workers see it.
+    A position saved right after an epoch's last batch (a checkpoint at an epoch boundary)
+    resumes at the next epoch: ResumableLoader would yield an empty epoch, which the runtime
+    reads as "no data".
     """
 
     def __iter__(self):
+        if self.batch_in_epoch >= len(self):
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.dataset.set_epoch(self.epoch)
         yield from super().__iter__()
 
@@ -224,6 +229,8 @@ def main() -> None:
                 run.backward_and_step(d_loss, disc, disc_optimizer, lr_name="lr_disc")
                 terms.update(d_terms)
         terms.pop("total")
+        if disc_optimizer is not None:  # every step, also before the first discriminator update
+            terms["lr_disc"] = disc_optimizer.param_groups[0]["lr"]
         run.end_step({"loss": loss, **terms, "perplexity": perplexity, "grad_norm": grad_norm,
                       "skipped_files": batch["skipped"].sum()}, samples=len(x))
         if validator is not None and run.at_interval(train["validation_interval"]):
