@@ -48,7 +48,7 @@ _TOP_DEFAULTS: dict[str, Any] = {
 _TOP_TYPES = {"scaling_rates": list, "project_name": str}
 
 _DATA_DEFAULTS: dict[str, Any] = {
-    "batch_size": 4, "val_batch_size": None, "image_size": 256, "sequence_length": None, "seed": None,
+    "batch_size": 4, "val_batch_size": None, "image_size": None, "sequence_length": None, "seed": None,
     "num_threads": None, "training_data_files": None, "validation_data_files": None,
     # The seed's DALI settings: accepted so its configs load, unused (accelerate assigns devices and shards).
     "device_id": None, "shard_id": None, "num_shards": None, "initial_prefetch_size": None,
@@ -224,7 +224,7 @@ def load_param_json(path: str | Path) -> VQParams:
     unused = [key for key in _UNUSED_DATA_KEYS if data[key] is not None]
     if unused:
         logger.info("%s: data_args %s are not used here (accelerate assigns devices and shards)", source, unused)
-    size = data["image_size"]
+    size = data["image_size"] = 256 if data["image_size"] is None else data["image_size"]
     if isinstance(size, list) and (len(size) != 2 or not all(isinstance(s, int) for s in size)):
         raise ParamConfigError(f"{source}: data_args.image_size must be an int or [height, width], got {size}")
     train_sources, valid_sources, folders = _data_sources(source, top["data_process"], data)
