@@ -158,3 +158,16 @@ def test_bad_param_key_is_one_line_naming_section_and_key(data, tmp_path, monkey
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert "train_args" in lines[0] and "'lr_decy'" in lines[0] and "did you mean 'lr_decay'" in lines[0]
+
+
+def test_bench_vq_on_cpu_runs_the_tiny_config_and_says_so(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_vq.py"), "--device", "cpu", "--variants", "fp32", "bf16_cl",
+                             "--warmup", "0", "--steps", "3", "--out", str(tmp_path / "bench.json")],
+                            env=script_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "configs/vq/tiny/vqgan_f16.json at 32 px, batch 4" in result.stdout
+    assert "CPU run (no CUDA device or --device cpu): tiny config" in result.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["variant"] for r in report["results"]] == ["fp32", "bf16_cl"]
+    assert all(r["steps_per_s"] > 0 and r["peak_mem_gib"] is None for r in report["results"])
+    assert "| fp32 |" in result.stdout and "1.00x" in result.stdout
