@@ -199,8 +199,8 @@ def main() -> None:
     else:
         logger.info("no validation data (data_process.valid): validation and best-model exports are off")
     best = BestMetrics(run.output_dir, acc.is_main_process)
-    if run.resume(loader):
-        best.restore(resolve_checkpoint(run.output_dir, train_opts.resume_from_checkpoint), run.step)
+    run.resume(loader)
+    best.restore(resolve_checkpoint(run.output_dir, train_opts.resume_from_checkpoint), run.step)
     export_config = {**bare_model.export_config(), "image_size": list(params.image_size)}
 
     def validate() -> None:

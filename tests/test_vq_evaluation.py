@@ -36,6 +36,9 @@ def test_resume_restores_the_bests_reached_before_the_checkpoint(tmp_path):
     assert resumed.update(250, {"psnr": 23.0, "lpips": 0.31}) == ["psnr"]  # 25.0 came after the checkpoint
     lines = (tmp_path / "resumed" / BestMetrics.FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [100, 100, 200, 250]
+    fresh = BestMetrics(tmp_path / "run", is_main=True)
+    fresh.restore(None, step=0)  # a new run in the same directory starts without the old records
+    assert fresh.best == {} and (tmp_path / "run" / BestMetrics.FILE).read_text() == ""
 
 
 def test_loading_an_export_that_is_not_a_vq_model_fails_clearly(tmp_path):

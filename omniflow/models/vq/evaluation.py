@@ -121,11 +121,15 @@ class BestMetrics:
         self.is_main = is_main
         self.best: dict[str, tuple[float, int]] = {}  # metric -> (value, step)
 
-    def restore(self, checkpoint_dir: str | Path, step: int) -> None:
-        """Resume: the bests reached up to ``step`` by the run that wrote ``checkpoint_dir``."""
-        source = Path(checkpoint_dir).parent / self.FILE
+    def restore(self, checkpoint_dir: str | Path | None, step: int) -> None:
+        """Resume: the bests reached up to ``step`` by the run that wrote ``checkpoint_dir``.
+
+        Without a checkpoint (a fresh start) the history file is emptied: an earlier run's
+        records in the same directory must not count.
+        """
+        source = Path(checkpoint_dir).parent / self.FILE if checkpoint_dir is not None else None
         records = []
-        if source.is_file():
+        if source is not None and source.is_file():
             records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
             records = [r for r in records if r["step"] <= step]
         for record in records:  # only improvements are recorded: the last one of each metric is its best
