@@ -27,8 +27,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from accelerate.utils import parse_flag_from_env
@@ -138,6 +137,31 @@ def model_summary(params: VQParams, model: VQTokenizer, loss: VQGANLoss) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_step(run: TrainingRun, x: torch.Tensor, model: torch.nn.Module, loss_fn: VQGANLoss, optimizer, scheduler,
+               last_layer: torch.nn.Parameter, disc: torch.nn.Module | None, disc_optimizer) -> dict[str, Any]:
+    """Autoencoder update, then (when due) discriminator update; returns the terms to log.
+
+    The generator pass judges with the bare discriminator (``loss_fn.discriminator``), the
+    discriminator pass with ``disc``, its DDP wrapper, so that only its gradients are synchronised.
+    """
+    step = run.step  # optimizer steps done so far: this step's index
+    acc = run.accelerator
+    with run.accumulate(model, *([disc] if disc is not None else [])):
+        with acc.autocast():
+            vq_loss, recon, perplexity, _ = model(x)
+            loss, terms = loss_fn.generator_loss(x, recon, vq_loss, step, last_layer)
+        grad_norm = run.backward_and_step(loss, model, optimizer, scheduler)
+        if loss_fn.discriminator_step_due(step):
+            with acc.autocast():
+                d_loss, d_terms = loss_fn.discriminator_loss(x, recon, step, discriminator=disc)
+            run.backward_and_step(d_loss, disc, disc_optimizer, lr_name="lr_disc")
+            terms.update(d_terms)
+    terms.pop("total")
+    if disc_optimizer is not None:  # every step, also before the first discriminator update
+        terms["lr_disc"] = disc_optimizer.param_groups[0]["lr"]
+    return {"loss": loss, **terms, "perplexity": perplexity, "grad_norm": grad_norm}
+
+
 def parse_args() -> tuple[VQParams, VQScriptOptions, TrainingOptions]:
     """param.json first (its values become defaults), then every flag on top of it."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -217,22 +241,8 @@ def main() -> None:
     validated_at = -1
     for batch in run.batches(loader, max_steps):
         x = frames_to_model_input(batch["frames"])
-        step = run.step  # optimizer steps done so far: this step's index
-        with run.accumulate(model, *([disc] if disc is not None else [])):
-            with acc.autocast():
-                vq_loss, recon, perplexity, _ = model(x)
-                loss, terms = loss_fn.generator_loss(x, recon, vq_loss, step, last_layer)
-            grad_norm = run.backward_and_step(loss, model, optimizer, scheduler)
-            if loss_fn.discriminator_step_due(step):
-                with acc.autocast():
-                    d_loss, d_terms = loss_fn.discriminator_loss(x, recon, step, discriminator=disc)
-                run.backward_and_step(d_loss, disc, disc_optimizer, lr_name="lr_disc")
-                terms.update(d_terms)
-        terms.pop("total")
-        if disc_optimizer is not None:  # every step, also before the first discriminator update
-            terms["lr_disc"] = disc_optimizer.param_groups[0]["lr"]
-        run.end_step({"loss": loss, **terms, "perplexity": perplexity, "grad_norm": grad_norm,
-                      "skipped_files": batch["skipped"].sum()}, samples=len(x))
+        terms = train_step(run, x, model, loss_fn, optimizer, scheduler, last_layer, disc, disc_optimizer)
+        run.end_step({**terms, "skipped_files": batch["skipped"].sum()}, samples=len(x))
         if validator is not None and run.at_interval(train["validation_interval"]):
             validate()
             validated_at = run.step
