@@ -193,7 +193,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def main() -> None:
-    opts = parse_options(CompressOptions, description=__doc__)
+    opts = parse_options(CompressOptions, description=__doc__.splitlines()[0])
     device = pick_device(opts.device)
     try:
         report = decode(opts, device) if opts.decode else compress(opts, device)

@@ -169,7 +169,8 @@ def parse_args() -> tuple[VQParams, VQScriptOptions, TrainingOptions]:
     wants_help = any(arg in ("-h", "--help") for arg in sys.argv[1:])
     params = None if wants_help else load_param_json(pre.parse_known_args()[0].config)
     opts, train_opts = parse_options(VQScriptOptions, TrainingOptions, config_flags=("--options_file",),
-                                     config_values=params.runtime if params else None, description=__doc__)
+                                     config_values=params.runtime if params else None,
+                                     description=__doc__.splitlines()[0])
     return params, opts, train_opts
 
 

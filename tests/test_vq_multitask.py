@@ -69,3 +69,11 @@ def test_two_tiny_tasks_run_at_once_on_their_assigned_devices(tmp_path):
         log = (tmp_path / "logs" / f"{name}.log").read_text()
         assert f"CUDA_VISIBLE_DEVICES={gpu}\n" in log  # what the child process saw
         assert sorted(training_terms(tmp_path / "runs" / name)) == [1, 2, 3]
+
+
+def test_shipped_example_dry_runs():
+    result = launch("--tasks", REPO / "configs/vq/multitask/example.json", "--dry_run")
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["[vqgan_f16]", "[emavq_f16]", "[vqvae2_optvq]",
+                                                                        "[dvae]"]
+    assert "CUDA_VISIBLE_DEVICES=2,3 " in result.stdout and "--mixed_precision bf16" in result.stdout
