@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from omniflow.data.video import ImageFrameDataset, frames_to_model_input, list_images
 from omniflow.metrics.image import psnr
 from omniflow.models.vq import load_vq_model
+from omniflow.models.vq.params import load_param_json
 from vq_helpers import (REPO, TRAIN_SCRIPT, script_env, tiny_config, train_vq, training_terms, validation_metrics,
                         write_vq_data)
 
@@ -66,6 +67,8 @@ def test_family_trains_validates_and_exports(runs, data, name):
     assert all(np.isfinite(v) for v in val.values())
     assert 0 < val["codebook_usage"] <= 1 and 1 <= val["perplexity"] <= val["codebook_used_codes"]
 
+    resolved = load_param_json(out / "param.json")  # the resolved config written beside the run loads again
+    assert resolved.model_args == load_param_json(out.parent / f"{name}.json").model_args
     summary = (out / "model_summary.md").read_text()
     assert summary.startswith(f"# {json.loads((out / 'param.json').read_text())['model_type']}")
     assert "| total" in summary and "bits per image" in summary

@@ -97,6 +97,9 @@ def _runtime_types() -> dict[str, type]:
     return types
 
 
+_RUNTIME_TYPES = _runtime_types()
+
+
 @dataclass
 class VQParams:
     """A checked ``param.json``: every section resolved over its defaults."""
@@ -129,9 +132,9 @@ class VQParams:
 
     def resolved(self) -> dict[str, Any]:
         """The file with every default filled in (written next to the run's outputs)."""
+        sources = ({"train": self.train_sources, "valid": self.valid_sources} if self.sources_are_folders else {})
         return {"model_type": self.model_type, "use_images": self.use_images, "model_args": self.model_args,
-                "data_args": self.data, "train_args": self.train,
-                "data_process": {"train": self.train_sources, "valid": self.valid_sources}}
+                "data_args": self.data, "train_args": self.train, "data_process": sources}
 
 
 def _section(source: str, name: str, given: Any, defaults: Mapping[str, Any],
@@ -191,10 +194,10 @@ def _runtime_values(source: str, top: dict[str, Any], data: dict[str, Any], trai
         value = sections[section][seed_name]
         if value is None:
             continue
-        if option in given_train:
+        if given_train.get(option) is not None:
             raise ParamConfigError(f"{source}: {section}.{seed_name} and train_args.{option} set the same option; keep one")
         values[option] = value
-    values.update({key: value for key, value in given_train.items() if key in _runtime_types()})
+    values.update({key: value for key, value in given_train.items() if key in _RUNTIME_TYPES and value is not None})
     if top["use_wandb"]:
         if importlib.util.find_spec("wandb") is None:
             raise ParamConfigError(f"{source}: use_wandb is true but the wandb package is not installed "
@@ -217,9 +220,8 @@ def load_param_json(path: str | Path) -> VQParams:
     model_args = _model_args(source, top["model_type"], family, top["model_args"], top["scaling_rates"])
     data = _section(source, "data_args", top["data_args"], _DATA_DEFAULTS,
                     {**_DATA_TYPES, "image_size": (int, list)})
-    runtime_types = _runtime_types()
-    train = _section(source, "train_args", top["train_args"], {**_TRAIN_DEFAULTS, **dict.fromkeys(runtime_types)},
-                     {**_TRAIN_TYPES, **runtime_types})
+    train = _section(source, "train_args", top["train_args"], {**_TRAIN_DEFAULTS, **dict.fromkeys(_RUNTIME_TYPES)},
+                     {**_TRAIN_TYPES, **_RUNTIME_TYPES})
     given_train = dict(top["train_args"])
     unused = [key for key in _UNUSED_DATA_KEYS if data[key] is not None]
     if unused:
