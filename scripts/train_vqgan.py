@@ -89,22 +89,6 @@ def select_device(device: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[index] if visible else ids[0]
 
 
-class EpochLoader(ResumableLoader):
-    """A ResumableLoader that gives its dataset the epoch first (new random clip starts per epoch).
-
-    ResumableLoader builds a fresh (non-persistent) DataLoader per epoch, so workers see it.
-    A position saved right after an epoch's last batch (a checkpoint at an epoch boundary)
-    resumes at the next epoch: ResumableLoader would yield an empty epoch, which the runtime
-    reads as "no data".
-    """
-
-    def __iter__(self):
-        if self.batch_in_epoch >= len(self):
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        self.dataset.set_epoch(self.epoch)
-        yield from super().__iter__()
-
-
 def validation_loader(dataset, batch_size: int, rank: int, world_size: int, num_workers: int) -> DataLoader:
     """Each validation item exactly once over all ranks (rank r takes items r, r + N, ...)."""
     return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=batch_size,
@@ -193,7 +177,7 @@ def main() -> None:
         logger.info("model summary (also in %s):\n%s", run.output_dir / "model_summary.md", summary)
 
     train_set = build_dataset(params, "train", train_opts.seed)
-    loader = EpochLoader(train_set, params.data["batch_size"], seed=train_opts.seed, rank=acc.process_index,
+    loader = ResumableLoader(train_set, params.data["batch_size"], seed=train_opts.seed, rank=acc.process_index,
                          world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
     val_set = build_dataset(params, "valid", train_opts.seed)
     max_steps = train_opts.max_train_steps or DEFAULT_NUM_STEPS

@@ -146,6 +146,8 @@ class ResumableLoader:
         self._stream_state = None
 
     def _iter_map(self) -> Iterator[Any]:
+        if hasattr(self.dataset, "set_epoch"):  # e.g. new random clip starts per epoch; workers see it
+            self.dataset.set_epoch(self.epoch)
         remaining = self._epoch_batches()[self.batch_in_epoch:]
         # Own generator: creating a DataLoader iterator must not draw from the global RNG, whose
         # state belongs to the model (dropout, noise) and is restored exactly on resume.
