@@ -71,7 +71,7 @@ def square_crop(image: np.ndarray, size: int) -> np.ndarray:
     crop = Image.fromarray(image[top:top + side, left:left + side])
     if side != size:
         crop = crop.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(crop)
+    return np.array(crop)  # writable, for torch.from_numpy
 
 
 def iter_video_frames(path: PathLike, fps: float, size: int) -> Iterator[np.ndarray]:
