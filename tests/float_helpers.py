@@ -84,14 +84,14 @@ def tiny_config(**overrides):
 
 
 def write_wide_wav2vec2(folder: Path) -> Path:
-    """A random wav2vec2 whose stacked layer outputs are 9216 wide (144 layers x 64) like the
+    """A random wav2vec2 whose stacked layer outputs are 9216 wide (48 layers x 192) like the
     release's 12 x 768, so the tiny reference checkpoint's audio projection fits its features.
     Saved with ``save_pretrained`` next to the tiny folder's feature-extractor settings."""
     import shutil
 
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    config = Wav2Vec2Config(hidden_size=64, num_hidden_layers=144, num_attention_heads=4, intermediate_size=64,
+    config = Wav2Vec2Config(hidden_size=192, num_hidden_layers=48, num_attention_heads=4, intermediate_size=64,
                             conv_dim=(24,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
                             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16, vocab_size=32)
     torch.manual_seed(0)

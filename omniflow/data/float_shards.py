@@ -181,5 +181,10 @@ class EpochLoader(ResumableLoader):
     so random windows are drawn per (epoch, index)."""
 
     def __iter__(self):
+        if self.batch_in_epoch >= len(self):
+            # restored from a checkpoint taken after the last batch of an epoch: the base class
+            # would yield an empty pass (which TrainingRun reports as "no batch"); start the next
+            # epoch as an uninterrupted run does
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         self.dataset.set_epoch(self.epoch)
         yield from super().__iter__()

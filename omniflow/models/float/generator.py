@@ -22,6 +22,8 @@ from .fmt import FlowMatchingTransformer
 from .io import CheckpointMismatchError, FloatPretrainedMixin, load_strict, read_release_checkpoint
 
 TRAINED_GROUPS = ("fmt.", "audio_encoder.audio_projection.")
+RELEASE_GROUPS = TRAINED_GROUPS + ("motion_autoencoder.", "audio_encoder.wav2vec2.",
+                                   "emotion_encoder.wav2vec2_for_emotion.")
 
 
 class FloatMotionGenerator(FloatPretrainedMixin, nn.Module):
@@ -47,7 +49,7 @@ class FloatMotionGenerator(FloatPretrainedMixin, nn.Module):
 
     def load_release(self, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, int]:
         """Strictly load the FMT and the audio projection of a released-layout checkpoint (other
-        parts are ignored). Returns the number of tensors read per part of the file."""
+        parts are ignored). Returns the number of tensors per part of the file (``RELEASE_GROUPS``)."""
         source = "checkpoint dict" if isinstance(checkpoint, Mapping) else str(checkpoint)
         state = checkpoint if isinstance(checkpoint, Mapping) else read_release_checkpoint(checkpoint)
         trained = {k: v for k, v in state.items() if k.startswith(TRAINED_GROUPS)}
@@ -56,7 +58,7 @@ class FloatMotionGenerator(FloatPretrainedMixin, nn.Module):
         load_strict(self, trained, source)
         counts: dict[str, int] = {}
         for key in state:
-            group = next((g for g in TRAINED_GROUPS if key.startswith(g)), key.split(".", 1)[0] + ".")
+            group = next((g for g in RELEASE_GROUPS if key.startswith(g)), "other")
             counts[group] = counts.get(group, 0) + 1
         return counts
 
