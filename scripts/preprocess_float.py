@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from omniflow.data.float_media import MediaError, iter_video_frames, loudness_dbfs, read_audio
+from omniflow.data.float_media import iter_video_frames, loudness_dbfs, read_audio
 from omniflow.data.float_shards import ClipRecord, clip_id_for, write_clip, write_manifest
 from omniflow.data.video import VIDEO_EXTENSIONS, list_files
 from omniflow.models.float import (EMOTION_LABELS, AudioEncoder, EmotionEncoder, FloatConfig, WaveformNormalizer,

@@ -101,11 +101,18 @@ def trained(work, shards):
 
 @pytest.fixture(scope="module")
 def fine_tuned(work, shards):
-    """lr 0 from the tiny reference checkpoint, stopped early after the second validation."""
+    """Through the example launcher (accelerate launch, CPU config): lr 0 from the tiny reference
+    checkpoint, stopped early after the second validation."""
     out = work / "run_finetune"
-    train(shards, out, "--pretrained_float", TINY_CHECKPOINT, "--learning_rate", 0, "--max_train_steps", 6,
-          "--val_data_dir", shards, "--eval_interval", 1, "--early_stopping_patience", 1,
-          "--early_stopping_min_delta", 1e9, "--sample_interval", 0, "--report_to", "none")
+    launcher_env = {**env(), "PYTHON": sys.executable, "ACCELERATE_CONFIG": "cpu", "NUM_GPUS": "1",
+                    "DATA_DIR": str(shards), "VAL_DATA_DIR": str(shards), "OUTPUT_DIR": str(out),
+                    "FLOAT_CKPT": str(TINY_CHECKPOINT)}
+    flags = ["--config", "tiny", "--mixed_precision", "no", "--learning_rate", "0", "--max_train_steps", "6",
+             "--eval_interval", "1", "--early_stopping_patience", "1", "--early_stopping_min_delta", "1e9",
+             "--sample_interval", "0", "--report_to", "none", "--batch_size", "4"]
+    result = subprocess.run(["bash", str(SCRIPTS / "train_rectified_flow.sh"), *flags], env=launcher_env,
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
@@ -208,6 +215,8 @@ def test_fine_tuning_loads_the_released_checkpoint_strictly_and_stops_early(fine
     reference = torch.load(TINY_CHECKPOINT, weights_only=True)
     exported = load_file(str(fine_tuned / "final" / "model.safetensors"))
     assert len(exported) == 37 and all(torch.equal(v, reference[k]) for k, v in exported.items())
+    release = load_file(str(fine_tuned / "final" / "float_release.safetensors"))  # the launcher asks for it
+    assert all(torch.equal(v, reference[k]) for k, v in release.items())
 
 
 # ---- generation -------------------------------------------------------------------------------
