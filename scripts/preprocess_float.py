@@ -13,7 +13,6 @@ manifest with the reason.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from omniflow.data.float_media import iter_video_frames, loudness_dbfs, read_audio
-from omniflow.data.float_shards import ClipRecord, clip_id_for, write_clip, write_manifest
+from omniflow.data.float_shards import ClipRecord, clip_id_for, read_json_object, write_clip, write_manifest
 from omniflow.data.video import VIDEO_EXTENSIONS, list_files
 from omniflow.models.float import (EMOTION_LABELS, AudioEncoder, EmotionEncoder, FloatConfig, WaveformNormalizer,
                                    load_audio_backbone, load_emotion_classifier)
@@ -111,14 +110,8 @@ class ClipEncoder:
 
 
 def read_labels(path: Optional[str]) -> dict[str, str]:
-    if path is None:
-        return {}
-    try:
-        labels = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    if not isinstance(labels, dict):
-        raise DataError(f"{path}: expected a JSON object of clip -> emotion label")
+    """{clip id, file name or stem: emotion label} from a JSON object."""
+    labels = read_json_object(path) if path is not None else {}
     bad = {k: v for k, v in labels.items() if str(v).lower() not in EMOTION_LABELS}
     if bad:
         key, value = next(iter(bad.items()))

@@ -80,6 +80,9 @@ def test_bad_data_folders_are_reported(data_dir, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(FileNotFoundError, match="preprocess_float.py"):
         FloatWindowDataset(empty, P, L)
+    (empty / "manifest.json").write_text('{"format": "float-clips-v1",\n "clips": [}')
+    with pytest.raises(DataError, match="manifest.json: invalid JSON at line 2"):
+        FloatWindowDataset(empty, P, L)
     (empty / "manifest.json").write_text('{"format": "other"}')
     with pytest.raises(DataError, match="format 'other'"):
         FloatWindowDataset(empty, P, L)

@@ -82,14 +82,22 @@ def write_manifest(data_dir: Path, settings: dict, clips: list[ClipRecord], skip
     return path
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object; malformed content is a DataError naming the file and line."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return value
+
+
 def read_manifest(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {data_dir} (run scripts/preprocess_float.py first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    manifest = read_json_object(path)
     if manifest.get("format") != SHARD_FORMAT:
         raise DataError(f"{path}: format {manifest.get('format')!r}, expected {SHARD_FORMAT!r}")
     return manifest

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2PreTrainedModel
 
+from ...runtime.errors import DataError
 from ...runtime.hub import from_pretrained_kwargs, resolve_model_path
 from .config import FloatConfig
 from .io import FloatPretrainedMixin
@@ -20,7 +21,7 @@ EMOTION_LABELS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surpri
 PREDICT_EMOTION = (None, "s2e")  # labels that mean "predict the emotion from the speech"
 
 
-class AudioFeatureError(ValueError):
+class AudioFeatureError(DataError):
     """Audio or audio features that do not fit the audio encoder."""
 
 
