@@ -66,7 +66,7 @@ class FloatTrainOptions:
     beta2: float = field(default=0.999, metadata={"help": "Adam beta2"})
     lr_scheduler: str = field(default="cosine", metadata={"help": "learning-rate schedule after the warm-up",
                                                           "choices": list(SCHEDULERS)})
-    lr_warmup_epochs: float = field(default=5, metadata={"help": "linear warm-up length in epochs"})
+    lr_warmup_epochs: float = field(default=5.0, metadata={"help": "linear warm-up length in epochs"})
     lr_min: float = field(default=1e-6, metadata={"help": "final learning rate of the cosine schedule"})
     # rectified flow
     loss_type: str = field(default="mse", metadata={"help": "velocity loss", "choices": ["mse", "l1"]})
@@ -260,8 +260,8 @@ def export(run: TrainingRun, model, ema: AveragedModel | None, name: str, step: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts, _, config, train_opts = parse_float_options(FloatTrainOptions, PresetOptions, FloatConfig, TrainingOptions,
-                                                      args=argv)
+    opts, preset, config, train_opts = parse_float_options(FloatTrainOptions, PresetOptions, FloatConfig,
+                                                           TrainingOptions, args=argv)
     if opts.resume and not train_opts.resume_from_checkpoint:
         train_opts.resume_from_checkpoint = opts.resume
     train_set = FloatWindowDataset(opts.data_dir, config.num_prev_frames, config.window, seed=train_opts.seed)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     # generation must use the wav2vec2 models that made the training features
     config.wav2vec_model_path = train_set.manifest["wav2vec_model_path"]
     config.audio2emotion_path = train_set.manifest["audio2emotion_path"]
-    run = TrainingRun(train_opts, opts, config, micro_batch_size=opts.batch_size)
+    run = TrainingRun(train_opts, opts, preset, config, micro_batch_size=opts.batch_size)  # writes config.json
     acc = run.accelerator
     with torch.random.fork_rng(devices=[]):  # identical initial weights on every rank; rank RNGs untouched
         torch.manual_seed(train_opts.seed)
