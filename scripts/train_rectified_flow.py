@@ -29,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 from transformers import get_scheduler
 
 from omniflow.data import ResumableLoader
-from omniflow.data.float_shards import EpochLoader, FloatWindowDataset
+from omniflow.data.float_shards import FloatWindowDataset
 from omniflow.flow import ConditionDropout, RectifiedFlow
 from omniflow.models.float import FloatConfig, FloatMotionGenerator
 from omniflow.models.float.generator import TRAINED_GROUPS
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(opts, config)
     model.fmt.gradient_checkpointing = train_opts.gradient_checkpointing
     ema = ema_of(model, opts.ema_decay).to(run.device) if opts.use_ema else None  # fp32, before mixed precision
-    loader = EpochLoader(train_set, opts.batch_size, seed=train_opts.seed, rank=acc.process_index,
+    loader = ResumableLoader(train_set, opts.batch_size, seed=train_opts.seed, rank=acc.process_index,
                          world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
     val_set = val_loader = None
     if opts.val_data_dir:

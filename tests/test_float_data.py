@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from omniflow.data import ResumableLoader
 from omniflow.data.float_media import MediaError, iter_video_frames, loudness_dbfs, read_audio, write_video
-from omniflow.data.float_shards import (ClipRecord, EpochLoader, FloatWindowDataset, clip_id_for, write_clip,
+from omniflow.data.float_shards import (ClipRecord, FloatWindowDataset, clip_id_for, write_clip,
                                         write_manifest)
 from omniflow.runtime.errors import DataError
 
@@ -90,7 +91,7 @@ def test_bad_data_folders_are_reported(data_dir, tmp_path_factory):
 
 
 def test_loader_resumed_at_an_epoch_end_continues_like_an_uninterrupted_one(data_dir):
-    make = lambda: EpochLoader(FloatWindowDataset(data_dir, P, L, seed=3), 2, seed=3)
+    make = lambda: ResumableLoader(FloatWindowDataset(data_dir, P, L, seed=3), 2, seed=3)
     whole = make()
     epochs = [[b["start"].tolist() for b in whole] for _ in range(3)]
     assert epochs[1] != epochs[2], "new windows every epoch"

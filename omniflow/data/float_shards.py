@@ -30,7 +30,6 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..runtime.errors import DataError
-from .core import ResumableLoader
 
 logger = logging.getLogger("omniflow")
 
@@ -183,16 +182,3 @@ class FloatWindowDataset(Dataset):
                 "emotion": emotion, "clip": torch.tensor(c), "start": torch.tensor(start),
                 "reference": torch.tensor(reference)}
 
-
-class EpochLoader(ResumableLoader):
-    """:class:`~omniflow.data.ResumableLoader` that gives the dataset the epoch before each pass,
-    so random windows are drawn per (epoch, index)."""
-
-    def __iter__(self):
-        if self.batch_in_epoch >= len(self):
-            # restored from a checkpoint taken after the last batch of an epoch: the base class
-            # would yield an empty pass (which TrainingRun reports as "no batch"); start the next
-            # epoch as an uninterrupted run does
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        self.dataset.set_epoch(self.epoch)
-        yield from super().__iter__()
