@@ -137,6 +137,9 @@ class ResumableLoader:
 
     def __iter__(self) -> Iterator[Any]:
         """Yield the rest of the current epoch, then move the position to the next epoch."""
+        if not self.iterable and self.batch_in_epoch >= len(self):
+            # Restored from a position after an epoch's last batch: that epoch is done.
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         batches = self._iter_stream() if self.iterable else self._iter_map()
         for batch in batches:
             self.batch_in_epoch += 1
