@@ -34,6 +34,9 @@ def setup_logging(output_dir: str | Path | None, is_main: bool, log_name: str = 
         logger.addHandler(file_handler)
     for noisy in ("transformers", "diffusers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets  # its per-split progress bars drown the training log
+
+    datasets.disable_progress_bars()
 
 
 class MetricsWriter:
