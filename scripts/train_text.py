@@ -1,0 +1,182 @@
+"""Train a text decoder head on a frozen OmniFlow (the user's experiment grid).
+
+    python scripts/train_text.py --model_path models/OmniFlow-v0.5 --data_config configs/data_config.json \
+        --use_text_decoder_head --text_decoder_head_dim 64 [--use_latent_refiner] [--use_vq_codebook] \
+        --batch_size 8 --num_epochs 1 --lr 1e-4 --output_dir checkpoints/baseline_head
+
+Only the head stack trains; the transformer (run without gradients) and the text-VAE decoder (gradients
+flow through it to the head, its weights stay frozen) are loaded frozen. Loss per batch: shifted
+next-token cross-entropy of the frozen decoder on the target text (padding masked) + lambda * MSE to the
+target's text latent + the VQ loss (see omniflow/text_job/model.py). Every --eval_interval steps (and at
+the end) the validation splits are scored; the lowest validation loss is exported to
+<output_dir>/best_head/, the last step to <output_dir>/final_head/ (safetensors + config.json).
+"""
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import send_to_device
+from torch.utils.data import Subset
+from transformers import get_cosine_schedule_with_warmup
+
+from omniflow.data import ResumableLoader
+from omniflow.data.text import build_eval_datasets, build_train_dataset, collate_examples, load_data_config
+from omniflow.models.text_heads import TextHeadOptions
+from omniflow.runtime.errors import ConfigError, run_main
+from omniflow.runtime.launch import autocast_dtype, frozen_init_context
+from omniflow.runtime.options import parse_options
+from omniflow.runtime.run import TrainingOptions, TrainingRun, optimizer_steps
+from omniflow.text_job.checkpoints import BEST_HEAD, FINAL_HEAD, head_config
+from omniflow.text_job.model import TextJobModel
+
+logger = logging.getLogger("omniflow")
+
+
+@dataclass
+class TextTrainOptions:
+    model_path: str = field(default="", metadata={
+        "help": "OmniFlow folder (models/OmniFlow-v0.5: python download_models.py --models omniflow)"})
+    models_dir: str = field(default="models", metadata={
+        "help": "where download_models.py put the external models (flan-t5-large, CLIP, AudioLDM2 VAE)"})
+    data_config: str = field(default="", metadata={"help": "data config JSON (e.g. configs/data_config.json)"})
+    batch_size: int = field(default=16, metadata={"help": "micro-batch size per process"})
+    num_epochs: int = field(default=3, metadata={"help": "epochs over the training mix (unless --max_train_steps)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the cosine decay"})
+    max_length: Optional[int] = field(default=None, metadata={
+        "help": "tokens per target text, BOS and EOS included (default: the data config's max_length)"})
+    eval_interval: int = field(default=500, metadata={
+        "help": "validate every N optimizer steps (and at the end); the best head goes to best_head/"})
+    max_eval_samples: Optional[int] = field(default=256, metadata={
+        "help": "validation examples per evaluation set (null: all)"})
+    noise_shift: float = field(default=1.0, metadata={
+        "help": "shift of the training noise levels, as the scheduler's shift: 1 = uniform sigma (OmniFlow's "
+                "training), < 1 favours low noise (where the final decoder prefix is read), > 1 high noise"})
+
+    def validate(self) -> None:
+        for name, hint in (("model_path", "the OmniFlow folder, e.g. models/OmniFlow-v0.5"),
+                           ("data_config", "e.g. configs/data_config.json")):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required ({hint})")
+        for name in ("batch_size", "num_epochs", "eval_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.noise_shift > 0:
+            raise ConfigError(f"--lr and --noise_shift must be > 0, got {self.lr} and {self.noise_shift}")
+
+
+def eval_loaders(config, opts: TextTrainOptions, accelerator) -> dict[str, ResumableLoader]:
+    loaders = {}
+    for name, dataset in build_eval_datasets(config).items():
+        if opts.max_eval_samples is not None:
+            dataset = (dataset.take(opts.max_eval_samples) if not hasattr(dataset, "__len__")
+                       else Subset(dataset, range(min(opts.max_eval_samples, len(dataset)))))
+        loaders[name] = ResumableLoader(dataset, opts.batch_size, collate_fn=collate_examples, shuffle=False,
+                                        drop_last=False, rank=accelerator.process_index,
+                                        world_size=accelerator.num_processes)
+    return loaders
+
+
+@torch.no_grad()
+def validate(job: TextJobModel, stack, loaders: dict, run: TrainingRun, seed: int) -> dict[str, float]:
+    """Loss terms over the evaluation sets, summed over ranks; the same noise at every evaluation."""
+    stack.eval()
+    generator = torch.Generator().manual_seed(seed)
+    names = list(loaders)
+    # Per set: loss x samples, samples, ce x tokens, accuracy x tokens, tokens.
+    sums = torch.zeros(len(names), 5, dtype=torch.float64, device=run.device)
+    with run.accelerator.autocast():
+        for k, name in enumerate(names):
+            for batch in loaders[name]:
+                batch = send_to_device(batch, run.device)
+                out = job.head_terms(stack, batch, generator)
+                size, tokens = len(batch["text"]), out.num_tokens
+                sums[k] += torch.tensor([out.loss.item() * size, size, out.terms["ce"].item() * tokens,
+                                         out.terms["token_accuracy"].item() * tokens, tokens], dtype=torch.float64,
+                                        device=run.device)
+    if run.accelerator.num_processes > 1:
+        sums = run.accelerator.reduce(sums, reduction="sum")
+    stack.train()
+    total = sums.sum(0)
+    values = {"val/loss": total[0] / total[1], "val/ce": total[2] / total[4], "val/token_accuracy": total[3] / total[4]}
+    values["val/perplexity"] = math.exp(min(float(values["val/ce"]), 50.0))
+    for k, name in enumerate(names):
+        values[f"val/{name}/loss"] = sums[k, 0] / sums[k, 1].clamp(min=1)
+    return {key: float(value) for key, value in values.items()}
+
+
+def previous_best(output_dir: Path, resumed_step: int) -> float:
+    """Validation loss of an existing best_head/ written at or before the resumed step (else +inf)."""
+    folder = output_dir / BEST_HEAD
+    if resumed_step == 0 or not (folder / "config.json").is_file():
+        return math.inf
+    config = head_config(folder)
+    return config["val_loss"] if config.get("step", math.inf) <= resumed_step else math.inf
+
+
+def main():
+    opts, head_opts, train_opts = parse_options(TextTrainOptions, TextHeadOptions, TrainingOptions,
+                                                description=__doc__.split("\n\n")[0])
+    if not head_opts.use_text_decoder_head:
+        raise ConfigError("nothing to train: without --use_text_decoder_head the head is the released text_output "
+                          "(score it with generate_text.py --checkpoint none)")
+    config = load_data_config(opts.data_config)
+    run = TrainingRun(train_opts, opts, head_opts, micro_batch_size=opts.batch_size)
+    acc = run.accelerator
+    tasks = {spec.task for spec in config.datasets}
+    with frozen_init_context(acc):
+        job = TextJobModel.load(opts.model_path, tasks, models_dir=opts.models_dir, training=True, device=run.device,
+                                dtype=autocast_dtype(acc), max_length=opts.max_length or config.max_length,
+                                noise_shift=opts.noise_shift)
+    if train_opts.gradient_checkpointing:
+        job.text_vae.enable_gradient_checkpointing()
+        job.text_vae.model.train()  # checkpointing acts in train mode; the LM has no dropout
+    torch.manual_seed(train_opts.seed)  # identical head initialisation on every rank
+    stack = job.new_head_stack(head_opts)
+    trainable = [p for p in stack.parameters() if p.requires_grad]
+    logger.info("head stack: %d trainable parameters (%s head)", sum(p.numel() for p in trainable), stack.kind)
+
+    loader = ResumableLoader(build_train_dataset(config, seed=train_opts.seed), opts.batch_size,
+                             collate_fn=collate_examples, seed=train_opts.seed, rank=acc.process_index,
+                             world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
+    evaluation = eval_loaders(config, opts, acc)
+    max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,
+                                                              train_opts.gradient_accumulation_steps)
+    optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, opts.lr_warmup_steps, max_steps)
+    model, optimizer, scheduler = run.prepare(stack, optimizer, scheduler)
+    best = previous_best(run.output_dir, run.resume(loader))
+    export_config = {**stack.config(), "model_path": opts.model_path, "data_config": opts.data_config}
+
+    def evaluate_and_keep_best() -> None:
+        nonlocal best
+        if not evaluation:
+            return
+        values = validate(job, model, evaluation, run, train_opts.seed)
+        run.log(values)
+        if values["val/loss"] < best:
+            best = values["val/loss"]
+            run.export(model, {**export_config, "step": run.step, "val_loss": best}, run.output_dir / BEST_HEAD)
+
+    for batch in run.batches(loader, max_steps):
+        with run.accumulate(model), acc.autocast():
+            out = job.head_terms(model, batch)
+            run.backward_and_step(out.loss, model, optimizer, scheduler)
+        run.end_step(out.terms, samples=len(batch["text"]), tokens=out.num_tokens)
+        if run.at_interval(opts.eval_interval):
+            evaluate_and_keep_best()
+    if run.step % opts.eval_interval:
+        evaluate_and_keep_best()
+    run.export(model, {**export_config, "step": run.step, "val_loss": None}, run.output_dir / FINAL_HEAD)
+    if run.is_main:
+        logger.info("heads: %s (best validation loss %.4f), %s", run.output_dir / BEST_HEAD, best,
+                    run.output_dir / FINAL_HEAD)
+    run.finish()
+
+
+if __name__ == "__main__":
+    run_main(main)
