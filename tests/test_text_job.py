@@ -120,3 +120,20 @@ def test_bad_head_dim_and_missing_model_are_one_line(tiny, tmp_path):
                         "--report_to", "none", check=False)
     assert result.returncode == 2
     assert "download_models.py --models omniflow" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["baseline", "refiner", "vq", "vq_refiner"])
+def test_experiment_configs_parse(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_text", REPO / "scripts/train_text.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from omniflow.models.text_heads import TextHeadOptions
+    from omniflow.runtime.options import parse_options
+    from omniflow.runtime.run import TrainingOptions
+
+    opts, heads, train = parse_options(script.TextTrainOptions, TextHeadOptions, TrainingOptions,
+                                       args=["--config", str(REPO / f"configs/text_head/{name}.json")])
+    assert heads.use_text_decoder_head and heads.use_vq_codebook == name.startswith("vq")
+    assert heads.use_latent_refiner == name.endswith("refiner") and train.mixed_precision == "bf16"
