@@ -21,6 +21,7 @@ AUDIO_DIR = FIXTURES / "wav2vec2-base-960h"
 EMOTION_DIR = FIXTURES / "wav2vec-english-speech-emotion-recognition"
 GOLDEN = FIXTURES / "golden.safetensors"
 RELEASE_KEYS = FIXTURES / "release_keys.txt"
+SPEECH = (FIXTURES / "speech" / "cards_002.wav", FIXTURES / "speech" / "librivox_0880.wav")
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -80,6 +81,49 @@ def tiny_config(**overrides):
     from omniflow.models.float import FloatConfig
     return FloatConfig.preset("tiny", wav2vec_model_path=str(AUDIO_DIR), audio2emotion_path=str(EMOTION_DIR),
                               **overrides)
+
+
+def write_wide_wav2vec2(folder: Path) -> Path:
+    """A random wav2vec2 whose stacked layer outputs are 9216 wide (48 layers x 192) like the
+    release's 12 x 768, so the tiny reference checkpoint's audio projection fits its features.
+    Saved with ``save_pretrained`` next to the tiny folder's feature-extractor settings."""
+    import shutil
+
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config(hidden_size=192, num_hidden_layers=48, num_attention_heads=4, intermediate_size=64,
+                            conv_dim=(24,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16, vocab_size=32)
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(folder)
+    shutil.copy(AUDIO_DIR / "preprocessor_config.json", folder)
+    return folder
+
+
+def write_talking_head(path: Path, speech: Path | None, seconds: float = 2.0, fps: float = 30.0,
+                       size: tuple[int, int] = (144, 176), audio_rate: int = 48000, phase: float = 0.0) -> Path:
+    """A short talking-head-like MP4: scikit-image's astronaut portrait, framed off-centre and
+    moving by a few pixels from frame to frame, with ``speech`` (resampled to ``audio_rate``) or
+    digital silence (``speech`` None) as its AAC track."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    from omniflow.data.float_media import read_audio, write_video
+
+    audio = read_audio(speech, audio_rate) if speech is not None else np.zeros(int(seconds * audio_rate), np.float32)
+    duration = len(audio) / audio_rate
+    portrait = skdata.astronaut()  # 512 x 512, the face around rows 30-230, columns 120-330
+    frames = []
+    for k in range(math.ceil(duration * fps)):
+        t = k / fps
+        dx = round(6 * math.sin(2 * math.pi * 1.3 * t + phase))
+        dy = round(4 * math.sin(2 * math.pi * 2.1 * t + 1 + phase))
+        crop = portrait[10 + dy:310 + dy, 60 + dx:420 + dx]
+        frames.append(np.asarray(Image.fromarray(crop).resize(size[::-1], Image.Resampling.BILINEAR)))
+    return write_video(path, np.stack(frames), fps, audio, audio_rate)
 
 
 def build_golden_subset(reference_dir: Path) -> None:

@@ -8,6 +8,8 @@ from diffusers import AutoencoderKL
 from omniflow.data.images import ImageFolderDataset, to_model_range, write_sample_images
 from omniflow.models.align import (AlignConfigError, AlignModule, AlignPipeline, VAELoadError, latent_loss,
                                    load_vae)
+from omniflow.runtime.errors import ConfigError
+from omniflow.runtime.hub import MissingModelError
 
 TINY = {"hidden_channels": 16, "num_blocks": 1, "downsample_times": 1}
 
@@ -111,23 +113,21 @@ def test_bad_options_and_missing_vae(vae_dirs, tmp_path):
         make_pipeline(vae_dirs, direction="sideways")
     with pytest.raises(AlignConfigError, match="loss_type"):
         make_pipeline(vae_dirs, loss_type="huber")
-    with pytest.raises(VAELoadError, match=f"{tmp_path / 'absent'} \\(subfolder vae\\)"):
+    with pytest.raises(MissingModelError, match=f"model path {tmp_path / 'absent'} does not exist"):
         load_vae(str(tmp_path / "absent"), "vae")
+    (tmp_path / "not_a_vae" / "vae").mkdir(parents=True)
+    with pytest.raises(VAELoadError, match=f"{tmp_path / 'not_a_vae'} \\(subfolder vae\\)"):
+        load_vae(str(tmp_path / "not_a_vae"), "vae")
+    assert issubclass(AlignConfigError, ConfigError)  # so run_main prints one line
 
 
-def test_token_is_taken_from_env_and_passed_to_diffusers(vae_dirs, monkeypatch):
-    seen = {}
-    real = AutoencoderKL.from_pretrained.__func__
-
-    def spy(cls, *args, **kwargs):
-        seen.update(kwargs)
-        return real(cls, *args, **kwargs)
-
-    monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(spy))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HUGGINGFACE_TOKEN", "hf_secret")
-    load_vae(str(vae_dirs["vae1"]), "vae", cache_dir="/tmp/hub-cache")
-    assert (seen["token"], seen["subfolder"], seen["cache_dir"]) == ("hf_secret", "vae", "/tmp/hub-cache")
+def test_offline_hub_id_names_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingModelError) as err:
+        load_vae("black-forest-labs/FLUX.1-dev", "vae", cache_dir=str(tmp_path / "empty-cache"))
+    message = str(err.value)
+    assert "HF_HUB_OFFLINE=1" in message and "python download_models.py --models flux_vae" in message
+    assert "\n" not in message
 
 
 def test_losses():

@@ -71,7 +71,7 @@ def test_missing_unexpected_and_misshaped_keys_are_reported(tmp_path):
         FLOAT.from_release(path, tiny_config())
     message = str(err.value)
     for expected in (str(path), "1 missing: fmt.c_embedder.bias", "1 unexpected: fmt.extra.weight",
-                     "fmt.decoder.linear.bias file (5,) vs model (32,)"):
+                     "fmt.decoder.linear.bias: file (5,) vs model (32,)"):
         assert expected in message
 
 

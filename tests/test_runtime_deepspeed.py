@@ -48,3 +48,20 @@ def test_zero_training_resumes_exactly(stage, tmp_path):
     assert losses(half) == {s: v for s, v in losses(full).items() if s > 6}
     state, _ = load_export(full / "final")  # ZeRO-3 gathers the partitioned weights for the export
     assert state["0.weight"].shape == (64, 2) and state["5.weight"].shape == (3, 64)
+
+
+@pytest.mark.slow
+@requires_deepspeed
+def test_frozen_models_stay_whole_under_zero3(tmp_path):
+    import subprocess
+    import sys
+
+    from runtime_helpers import env
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs/zero3.yaml"),
+           "--num_processes", "1", str(REPO / "tests/assets/zero3_frozen_probe.py"), str(tmp_path / "gpt2"), str(tmp_path)]
+    result = subprocess.run(cmd, env={**env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["trainable_partitioned"] and not report["frozen_partitioned"]
+    assert report["frozen_numel"] == 50 * 16

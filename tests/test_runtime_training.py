@@ -128,3 +128,10 @@ def test_kill_mid_save_keeps_last_good_checkpoint(tmp_path):
     train(tmp_path, "--resume_from_checkpoint", "latest", "--max_train_steps", "3", "--checkpointing_steps", "100",
           check=False)
     assert not (tmp_path / "checkpoint-4.tmp").exists()
+
+
+def test_resume_from_a_checkpoint_at_an_epoch_end(tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(full, "--image_size", "8", "--checkpointing_steps", "8")  # 64 samples / batch 8: epoch ends at step 8
+    train(half, "--image_size", "8", "--resume_from_checkpoint", str(full / "checkpoint-8"))
+    assert losses(half) == {s: v for s, v in losses(full).items() if s > 8}

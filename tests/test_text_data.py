@@ -2,8 +2,10 @@
 exact resume, Hub streams (only `load_dataset` replaced, serving real datasets), errors,
 WikiText cleaning and tokenize_batch with a BPE tokenizer trained here on Shakespeare.
 """
+import itertools
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import datasets
@@ -237,8 +239,27 @@ def test_resume_continues_exactly(sample_root, streaming):
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    """The Hub's load_dataset, serving real datasets built from skimage photos and WikiText-like lines."""
+def hub(monkeypatch, tmp_path):
+    """The Hub: load_dataset serves real datasets built from skimage photos and WikiText-like lines;
+    LLaVA's chat.json streams through the real JSON builder and its images.zip opens from disk."""
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in PHOTOS:
+            zf.writestr(f"images/GCC_{name}.jpg", sources.jpeg_bytes(photo(name)))
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps([{"id": f"GCC_{n}", "image": f"GCC_{n}.jpg", "conversations": [
+        {"from": "human", "value": "Describe the image.\n<image>"}, {"from": "gpt", "value": caption(n)}]}
+        for n in PHOTOS]))
+
+    class ArchiveFileSystem:  # HfFileSystem stand-in: random access to the zip
+        def __init__(self, token=None):
+            pass
+
+        def open(self, path, mode):
+            assert path == "datasets/liuhaotian/LLaVA-CC3M-Pretrain-595K/images.zip"
+            return open(archive, mode)
+
+    monkeypatch.setattr(sources, "HfFileSystem", ArchiveFileSystem)
     tables = {
         ("lmms-lab/COCO-Caption", "val"): datasets.Dataset.from_dict(
             {"question_id": [f"COCO_val2014_{n}.jpg" for n in PHOTOS], "image": [photo(n) for n in PHOTOS],
@@ -252,6 +273,9 @@ def hub(monkeypatch):
 
     def load_dataset(path, name=None, *, split, streaming=False, token=None, data_files=None):
         calls.append((path, split, streaming))
+        if path == "liuhaotian/LLaVA-CC3M-Pretrain-595K":
+            assert data_files == "chat.json"
+            return datasets.load_dataset("json", data_files=str(chat), split=split, streaming=streaming)
         return tables[(path, split)].to_iterable_dataset(num_shards=2)
 
     monkeypatch.setattr(sources, "load_dataset", load_dataset)
@@ -281,6 +305,15 @@ def test_hub_streams_convert_rows_on_the_fly(hub):
     assert {e["text"] for e in lines} == {f"Line {i} of 2,000." for i in range(6)}
     assert len([e for e in examples if e["task"] == "image_to_text"]) >= len(PHOTOS) - len(held_out)
     assert ("lmms-lab/COCO-Caption", "val", True) in hub
+
+    llava = DataConfig.from_dict({"datasets": [
+        {"name": "llava", "task": "image_to_text", "streaming": True, "source": "liuhaotian/LLaVA-CC3M-Pretrain-595K"},
+        {"name": "wikitext", "task": "text", "source": "Salesforce/wikitext", "streaming": True}],
+        "image_size": 16})
+    train = list(itertools.islice((e for e in build_train_dataset(llava) if e["task"] == "image_to_text"), 3))
+    assert set(train[0]) == {"id", "dataset", "task", "text", "references", "image", "audio"}
+    assert [e["id"] for e in train] == [f"GCC_{n}" for n in PHOTOS if not sources.in_validation_holdout(f"GCC_{n}")]
+    assert all(e["text"] == caption(e["id"].removeprefix("GCC_")) and e["image"].shape == (3, 16, 16) for e in train)
 
 
 def test_hub_stream_resumes_exactly(hub):

@@ -3,6 +3,7 @@ head variants (train, save, resume, export), generate_text.py (real sampling wit
 eval_text.py, learning, and the one-line errors."""
 import json
 import math
+import runpy
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from omniflow.runtime.errors import CheckpointError
 from omniflow.text_job.audio import FRAMES, N_MELS, load_audio_encoder, log_mel_spectrogram, mel_filters
 from omniflow.text_job.checkpoints import resolve_head_checkpoint
 from omniflow.text_job.model import TextJobModel
-from text_job_helpers import build_world, error_line, metrics, run_script, train_losses
+from runtime_helpers import REPO, metrics
+from text_job_helpers import build_world, error_line, run_script, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +93,7 @@ def test_resume_reproduces_the_uninterrupted_run(world, variant_runs, tmp_path):
     resumed = tmp_path / "resumed"
     run_script("train_text.py", *world.model_args(), "--data_config", world.data["mixed"], *TRAIN,
                *VARIANTS["vq_refiner"], "--output_dir", resumed, "--resume_from_checkpoint", full / "checkpoint-2")
-    expected = {step: loss for step, loss in train_losses(full).items() if step > 2}
-    assert train_losses(resumed) == expected
+    assert train_rows(resumed) == [row for row in train_rows(full) if row["step"] > 2]
     assert [m["step"] for m in metrics(resumed) if "val/loss" in m] == [4]
 
 
@@ -104,7 +105,7 @@ def test_head_learns_and_its_generations_improve(world, tmp_path):
                "--use_text_decoder_head", "--batch_size", "2", "--max_train_steps", "120", "--lr", "1e-2",
                "--noise_shift", "0.1", "--log_interval", "10", "--eval_interval", "120", "--report_to", "none",
                "--output_dir", out)
-    losses = list(train_losses(out).values())
+    losses = [row["loss"] for row in train_rows(out)]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
     predictions = {}
     for checkpoint in ("none", out / "final_head"):
@@ -118,6 +119,41 @@ def test_head_learns_and_its_generations_improve(world, tmp_path):
                "bleu", "--output_json", scores)
     table = json.loads(scores.read_text())["overall"]
     assert table["after.json"]["rouge"] > table["before.json"]["rouge"], table
+
+
+@pytest.mark.parametrize("name", ["baseline", "refiner", "vq", "vq_refiner"])
+def test_experiment_configs_parse(name):
+    from omniflow.models.text_heads import TextHeadOptions
+    from omniflow.runtime.options import parse_options
+    from omniflow.runtime.run import TrainingOptions
+
+    script = runpy.run_path(str(REPO / "scripts/train_text.py"), run_name="configs")
+    opts, heads, train = parse_options(script["TextTrainOptions"], TextHeadOptions, TrainingOptions,
+                                       args=["--config", str(REPO / f"configs/text_head/{name}.json")])
+    assert opts.model_path == "models/OmniFlow-v0.5" and heads.use_text_decoder_head
+    assert heads.use_vq_codebook == name.startswith("vq") and heads.use_latent_refiner == name.endswith("refiner")
+    assert train.mixed_precision == "bf16" and train.output_dir.startswith("checkpoints/")
+
+
+def test_prefix_head_gives_the_lm_prefix_and_trains(world):
+    """A head of the LM's width (96 in the tiny model, 2048 released) feeds the LM directly: the flow keeps the
+    released x0 predictor and the head supplies the final prefix."""
+    from omniflow.data.text import build_train_dataset, collate_examples, load_data_config
+    from omniflow.models.text_heads import TextHeadOptions
+
+    job = TextJobModel.load(world.model, {"text", "image_to_text"}, models_dir=world.models_dir, training=True)
+    stack = job.new_head_stack(TextHeadOptions(use_text_decoder_head=True, text_decoder_head_dim=96,
+                                               text_decoder_head_hidden_dim=32))
+    assert stack.kind == "prefix"
+    dataset = build_train_dataset(load_data_config(world.data["mixed"]))
+    batch = collate_examples([dataset[i] for i in (0, 1, len(dataset) - 1)])
+    terms = job.head_terms(stack, batch)
+    terms.loss.backward()
+    assert math.isfinite(terms.loss.item()) and stack.head.linear.weight.grad.abs().sum() > 0
+    photos = collate_examples([dataset[i] for i in (0, 1) if dataset[i]["task"] == "image_to_text"])
+    texts = job.generate(photos, stack.eval(), num_inference_steps=2, max_new_tokens=4,
+                         generator=torch.Generator().manual_seed(0))
+    assert len(texts) == len(photos["id"])
 
 
 def test_invalid_head_dim_is_one_line(world, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omniflow.data.sample_text import write_sample_text_data
 from omniflow.models.omniflow.tiny import make_tiny_omniflow
-from runtime_helpers import REPO, env
+from runtime_helpers import REPO, env, metrics
 
 SCRIPTS = REPO / "scripts"
 
@@ -53,12 +53,9 @@ def run_script(name: str, *args, cwd: Path = REPO, check: bool = True) -> subpro
     return result
 
 
-def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(output_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in metrics(output_dir) if "loss" in m}
+def train_rows(output_dir: Path) -> list[dict]:
+    """The logged training terms per step, throughput (wall-clock) left out."""
+    return [{k: v for k, v in row.items() if not k.endswith("_per_s")} for row in metrics(output_dir) if "loss" in row]
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

@@ -1,9 +1,12 @@
-"""Shared fixtures for the VQ tests: real photos, tiny configs, test videos, distributed workers."""
+"""Shared fixtures for the VQ tests: real photos, tiny configs, test videos, distributed workers, script runs."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +48,10 @@ def photo_batch(size: int = 32, names: tuple[str, ...] = PHOTOS[:4]) -> torch.Te
     return torch.from_numpy(stack).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def panning_frames(count: int, height: int = 64, width: int = 96, step: int = 8) -> list[np.ndarray]:
-    """Frames of a camera panning across the astronaut photo by ``step`` pixels per frame."""
-    photo = photo_uint8("astronaut", 256, width + step * count)
+def panning_frames(count: int, height: int = 64, width: int = 96, step: int = 8,
+                   photo_name: str = "astronaut") -> list[np.ndarray]:
+    """Frames of a camera panning across a photo by ``step`` pixels per frame."""
+    photo = photo_uint8(photo_name, 256, width + step * count)
     return [np.ascontiguousarray(photo[60:60 + height, i * step:i * step + width]) for i in range(count)]
 
 
@@ -112,3 +116,73 @@ def distributed_quantizer_worker(rank: int, world_size: int, port: int, out_dir:
 
 def shared_features() -> torch.Tensor:
     return torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "scripts" / "train_vqgan.py"
+VIDEO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def write_vq_data(root: Path) -> Path:
+    """Real data for the script tests under ``root``: 32-px photos (4 to train on, so every batch
+    holds the same images and the loss curve is not batch noise; 5 to validate on) and videos of
+    a camera panning across photos (train 2, valid 1, 12 frames of 40x56)."""
+    from omniflow.data.images import write_sample_images
+
+    photos = write_sample_images(root / "train", 32, 9)
+    (root / "valid").mkdir()
+    for path in photos[4:]:
+        path.rename(root / "valid" / path.name)
+    for split, names in (("videos_train", VIDEO_PHOTOS[:2]), ("videos_valid", VIDEO_PHOTOS[2:3])):
+        (root / split).mkdir()
+        for name in names:
+            write_video(root / split / f"pan_{name}.mp4", panning_frames(12, 40, 56, 4, name))
+    return root
+
+
+def tiny_config(name: str, directory: Path, data: Path, data_args: dict | None = None, **train_args) -> Path:
+    """``configs/vq/tiny/<name>.json`` pointed at ``data``, with ``data_args``/``train_args`` overrides,
+    written to ``directory``."""
+    config = json.loads((REPO / "configs" / "vq" / "tiny" / f"{name}.json").read_text())
+    split = "videos_" if not config["use_images"] else ""
+    config["data_process"] = {"train": str(data / f"{split}train"), "valid": str(data / f"{split}valid")}
+    config["data_args"].update(data_args or {})
+    config["train_args"].update(train_args)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def script_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def train_vq(config: Path, output_dir: Path, *extra: str, processes: int = 1,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run scripts/train_vqgan.py (``processes`` > 1: CPU DDP through accelerate launch)."""
+    cmd = [sys.executable, str(TRAIN_SCRIPT)]
+    run_env = script_env()
+    if processes > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", "29571", str(TRAIN_SCRIPT)]
+        run_env["ACCELERATE_USE_CPU"] = "true"
+    cmd += ["--config", str(config), "--output_dir", str(output_dir), "--logging_steps", "1", *extra]
+    result = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train_vqgan.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def metric_records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_terms(output_dir: Path) -> dict[int, dict]:
+    """Training lines of metrics.jsonl by step, without the timing-dependent throughput."""
+    return {r["step"]: {k: v for k, v in r.items() if k not in ("samples_per_s", "step")}
+            for r in metric_records(output_dir) if "loss" in r}
+
+
+def validation_metrics(output_dir: Path) -> dict[int, dict]:
+    return {r["step"]: {k[4:]: v for k, v in r.items() if k.startswith("val/")}
+            for r in metric_records(output_dir) if "val/psnr" in r}

@@ -137,6 +137,9 @@ class ResumableLoader:
 
     def __iter__(self) -> Iterator[Any]:
         """Yield the rest of the current epoch, then move the position to the next epoch."""
+        if not self.iterable and self.batch_in_epoch >= len(self):
+            # Restored from a position after an epoch's last batch: that epoch is done.
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         batches = self._iter_stream() if self.iterable else self._iter_map()
         for batch in batches:
             self.batch_in_epoch += 1
@@ -146,6 +149,8 @@ class ResumableLoader:
         self._stream_state = None
 
     def _iter_map(self) -> Iterator[Any]:
+        if hasattr(self.dataset, "set_epoch"):  # e.g. new random clip starts per epoch; workers see it
+            self.dataset.set_epoch(self.epoch)
         remaining = self._epoch_batches()[self.batch_in_epoch:]
         # Own generator: creating a DataLoader iterator must not draw from the global RNG, whose
         # state belongs to the model (dropout, noise) and is restored exactly on resume.

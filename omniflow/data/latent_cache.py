@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from omniflow.data.images import ImageFolderDataset
 from omniflow.models.align import AlignPipeline, encode_latents
+from omniflow.runtime.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 
 
-class StaleLatentCacheError(ValueError):
+class StaleLatentCacheError(DataError):
     """A latent cache built for another data set or other VAEs."""
 
 

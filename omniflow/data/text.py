@@ -265,6 +265,8 @@ class FolderDataset(Dataset):
         if tasks != {spec.task}:
             raise _task_mismatch(spec, file, tasks)
         kept = records.filter(lambda refs: len(refs) > 0, input_columns="references")
+        if len(kept) == 0:
+            raise DataError(f"{file}: no record of dataset '{spec.name}' has a reference text")
         if len(kept) < len(records):
             logger.warning("%s: skipped %d records without a reference text", file, len(records) - len(kept))
         if spec.max_samples is not None:
@@ -334,8 +336,7 @@ def _hub_stream(spec: DatasetSpec, split: str):
         return {"id": record["id"], "dataset": spec.name, "task": spec.task, "references": record["references"],
                 **{key: media[record[key]]() if key in record else None for key in ("image", "audio")}}
 
-    return rows.map(to_record, with_indices=True, remove_columns=list(rows.features or ()),
-                    features=_record_features())
+    return rows.map(to_record, with_indices=True, features=_record_features())
 
 
 def _local_stream(spec: DatasetSpec, split: str, root: Path | None):
@@ -348,12 +349,14 @@ def _local_stream(spec: DatasetSpec, split: str, root: Path | None):
         media = {key: (folder / row[key]).read_bytes() if row.get(key) else None for key in ("image", "audio")}
         return {"id": row["id"], "dataset": spec.name, "task": spec.task, "references": row["references"], **media}
 
-    return rows.map(to_record, remove_columns=list(rows.features or ()), features=_record_features())
+    return rows.map(to_record, features=_record_features())
 
 
 def _record_stream(spec: DatasetSpec, split: str, root: Path | None):
     """An IterableDataset of records with media bytes, rows without a reference text left out."""
     stream = _hub_stream(spec, split) if spec.hub is not None else _local_stream(spec, split, root)
+    # The source's own columns go: a stream whose features are unknown (JSON) cannot name them.
+    stream = stream.select_columns(list(_record_features()))
     stream = stream.filter(lambda refs: len(refs) > 0, input_columns="references")
     return stream.take(spec.max_samples) if spec.max_samples is not None else stream
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -162,6 +162,53 @@ def _frame_to_array(frame: av.VideoFrame, hw: tuple[int, int] | None) -> np.ndar
     cover_h, cover_w = _cover_size(frame.height, frame.width, *hw)
     scaled = frame.reformat(width=cover_w, height=cover_h, format="rgb24", interpolation="AREA")
     return np.ascontiguousarray(_center_crop(scaled.to_ndarray(), *hw))
+
+
+def video_info(path: PathLike) -> dict[str, object]:
+    """``{"frames", "fps" (Fraction), "height", "width"}`` of a video file's first video stream."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UnusableFileError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            return {"frames": _frame_count(container, stream), "fps": stream.average_rate or stream.guessed_rate,
+                    "height": stream.height, "width": stream.width}
+    except av.FFmpegError as err:
+        raise UnusableFileError(f"cannot read {path}: {err}") from err
+
+
+def iter_frames(path: PathLike, size: Size = None, max_frames: int | None = None) -> Iterator[np.ndarray]:
+    """Every frame (or the first ``max_frames``) as uint8 (h, w, 3), scaled to cover ``size`` and centre-cropped."""
+    hw = _as_hw(size)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UnusableFileError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for count, frame in enumerate(container.decode(stream)):
+                if max_frames is not None and count >= max_frames:
+                    return
+                yield _frame_to_array(frame, hw)
+    except av.FFmpegError as err:
+        raise UnusableFileError(f"cannot decode {path}: {err}") from err
+
+
+def write_video(path: PathLike, frames: Iterable[np.ndarray], fps: Fraction | float, codec: str = "libx264",
+                crf: int = 18) -> int:
+    """Encode uint8 (h, w, 3) frames as yuv420p video (``crf``: x264 quality, 0 = lossless luma); returns the count."""
+    count = 0
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(100_000),
+                                      options={"crf": str(crf)} if codec.startswith("libx264") else {})
+        stream.pix_fmt = "yuv420p"
+        for array in frames:
+            if count == 0:
+                stream.height, stream.width = array.shape[:2]
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")))
+            count += 1
+        container.mux(stream.encode())
+    return count
 
 
 class _SkippingDataset(Dataset):

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torchdiffeq import odeint
 
+from ..runtime.errors import ConfigError
+
 # velocity evaluations per step of the fixed-grid torchdiffeq solvers
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}
 ADAPTIVE_METHODS = ("dopri5",)
@@ -18,7 +20,7 @@ METHODS = tuple(EVALS_PER_STEP) + ADAPTIVE_METHODS
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class SamplerConfigError(ValueError):
+class SamplerConfigError(ConfigError):
     """An ODE method or evaluation budget the sampler cannot honour."""
 
 

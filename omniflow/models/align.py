@@ -11,12 +11,16 @@ correction on top, so training starts from a linear channel mix instead of from 
 *scaled* latents as the diffusion models see them, ``z = (mean - shift) * scale`` (see
 :func:`latent_affine`), and are taken from ``latent_dist.mean`` rather than a sample, so
 training targets are deterministic.
+
+VAEs load through :func:`omniflow.runtime.hub.resolve_model_path` (local folder, Hub id or
+``download_models.py`` name). A trained module is exported as ``model.safetensors`` plus a
+``config.json`` from :func:`export_config` and rebuilt by :func:`load_aligned_pipeline`.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +28,21 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from omniflow.data.images import to_model_range
+from omniflow.runtime.errors import CheckpointError, ConfigError
+from omniflow.runtime.export import load_export, load_state_dict_strict
+from omniflow.runtime.hub import resolve_model_path
 
 INPUT_TYPES = ("image", "latent")
 DIRECTIONS = ("vae1_to_vae2", "vae2_to_vae1")
 LOSS_TYPES = ("mse", "l1", "weighted_l1")
 
 
-class AlignConfigError(ValueError):
+class AlignConfigError(ConfigError):
     """Alignment options that do not fit each other or the two VAEs."""
 
 
-class VAELoadError(FileNotFoundError):
-    """A VAE that cannot be found or loaded (names the path and subfolder)."""
+class VAELoadError(CheckpointError):
+    """A VAE folder that exists but does not load as an ``AutoencoderKL`` (names the path and subfolder)."""
 
 
 @dataclass(frozen=True)
@@ -49,25 +56,25 @@ class VAESource:
         return f"{self.path} (subfolder {self.subfolder})" if self.subfolder else self.path
 
 
-def hub_token() -> str | None:
-    """The Hub token from ``HF_TOKEN`` or ``HUGGINGFACE_TOKEN`` (never log it)."""
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_TOKEN") or None
-
-
 def load_vae(path_or_id: str, subfolder: str | None = None, cache_dir: str | None = None,
              dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """Load a frozen ``AutoencoderKL`` from a local folder or a Hub id (the one loading spot)."""
+    """Load a frozen ``AutoencoderKL`` from a local folder, a Hub id or a ``download_models.py`` name.
+
+    The folder comes from :func:`omniflow.runtime.hub.resolve_model_path`, so a model that is
+    neither local nor downloadable (offline, gated) raises its one-line ``MissingModelError``
+    naming the ``download_models.py`` command.
+    """
+    folder = resolve_model_path(path_or_id, subfolder or None, cache_dir)
     try:
-        vae = AutoencoderKL.from_pretrained(path_or_id, subfolder=subfolder or None, cache_dir=cache_dir,
-                                            token=hub_token(), torch_dtype=dtype)
-    except (OSError, ValueError) as err:  # diffusers reports missing files/repos as OSError
+        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype)
+    except (OSError, ValueError) as err:  # diffusers reports missing/broken files as OSError
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VAELoadError(f"cannot load AutoencoderKL from {VAESource(path_or_id, subfolder)}: {reason}") from err
     return vae.eval().requires_grad_(False)
 
 
 def _vae_name(vae: AutoencoderKL) -> str:
-    return vae.config.get("_name_or_path") or "<VAE built in memory>"
+    return str(vae.config.get("_name_or_path") or "<VAE built in memory>")
 
 
 def vae_downsample_factor(vae: AutoencoderKL) -> int:
@@ -179,7 +186,7 @@ class AlignModule(nn.Module):
                 raise ValueError("AlignModule was built with input_types including 'image' but got no image")
             step = 2 ** self.downsample_times
             if image.shape[-2] % step or image.shape[-1] % step:
-                raise ValueError(f"image size {tuple(image.shape[-2:])} is not divisible by "
+                raise AlignConfigError(f"image size {tuple(image.shape[-2:])} is not divisible by "
                                  f"2**downsample_times = {step}")
             features.append(self.image_stem(image))
         if "latent" in self.input_types:
@@ -260,7 +267,8 @@ class AlignPipeline:
                                    f"{vae_downsample_factor(source)} but the target VAE {target_name} by {factor}")
         self.module = AlignModule(source.config.latent_channels, out_channels, hidden_channels,
                                   num_blocks, downsample_times, input_types)
-        self.input_types = self.module.input_types  # kept here: a DDP/DeepSpeed wrapper hides the module's
+        # kept here: a DDP/DeepSpeed wrapper assigned to self.module hides the module's attributes
+        self.input_types, self.module_config = self.module.input_types, self.module.config
 
     @classmethod
     def from_pretrained(cls, vae1_path: str, vae2_path: str, vae1_subfolder: str | None = None,
@@ -286,7 +294,7 @@ class AlignPipeline:
         """Everything needed to rebuild this pipeline, JSON-serialisable."""
         return {"vae1": asdict(self.sources["vae1"]), "vae2": asdict(self.sources["vae2"]),
                 "direction": self.direction, "loss_type": self.loss_type, "loss_weight": self.loss_weight,
-                "module": self.module.config}
+                "module": self.module_config}
 
     @property
     def source_vae(self) -> AutoencoderKL:
@@ -344,3 +352,26 @@ class AlignPipeline:
                 raise ValueError("training_loss() needs images or target_latent")
             target_latent = self.encode_target(images)
         return self.loss(self.predict(images, source_latent), target_latent.to(self.device))
+
+
+EXPORT_FORMAT = "omniflow-align-v1"
+
+
+def export_config(pipeline: AlignPipeline, resolution: int, **extra) -> dict:
+    """The ``config.json`` of an exported module: how to rebuild the pipeline, plus ``extra`` facts."""
+    return {"format": EXPORT_FORMAT, "pipeline": pipeline.config, "resolution": resolution, **extra}
+
+
+def load_aligned_pipeline(path: str | Path, cache_dir: str | None = None,
+                          vae_dtype: torch.dtype = torch.float32) -> tuple[AlignPipeline, dict]:
+    """Rebuild a pipeline from an export (folder or its ``model.safetensors``); returns it and the config.
+
+    The VAEs load from the paths recorded in the export; no training state is needed.
+    """
+    state, config = load_export(path)
+    if config.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path}: config.json has format {config.get('format')!r}, "
+                              f"not an alignment export ({EXPORT_FORMAT})")
+    pipeline = AlignPipeline.from_config(config["pipeline"], cache_dir, vae_dtype)
+    load_state_dict_strict(pipeline.module, state, str(path))
+    return pipeline, config

@@ -80,17 +80,26 @@ def set_deepspeed_micro_batch(accelerator: Accelerator, micro_batch_size: int) -
             )
 
 
-def frozen_init_context(accelerator: Accelerator) -> contextlib.ExitStack:
+@contextlib.contextmanager
+def frozen_init_context(accelerator: Accelerator):
     """Context for building frozen models so that ZeRO-3 does not partition them.
 
-    Under ZeRO-3 with ``zero3_init_flag`` every module created inside ``from_pretrained`` would be
-    sharded; frozen encoders/decoders are not trained and must stay whole on every rank.
+    Under ZeRO-3 with ``zero3_init_flag`` transformers' ``from_pretrained`` builds every model inside
+    ``deepspeed.zero.Init`` (sharded across ranks); frozen encoders/decoders are not trained and must
+    stay whole on every rank. accelerate's ``zero3_init_context_manager(enable=False)`` re-registers
+    the stage-3 config with transformers, so we unregister it ourselves and restore it on exit.
     """
-    stack = contextlib.ExitStack()
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero3_init_flag:
-        stack.enter_context(plugin.zero3_init_context_manager(enable=False))
-    return stack
+    if plugin is None or not plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def autocast_dtype(accelerator: Accelerator) -> torch.dtype:

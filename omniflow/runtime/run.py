@@ -98,7 +98,7 @@ class TrainingRun:
         self.stopped_by_signal = False
         self._loader = None
         self._sums: dict[str, float] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}
         self._pending_signal: int | None = None
         self._bad_terms: dict[str, float] | None = None
         self._lrs: dict[str, float] = {}
@@ -140,13 +140,16 @@ class TrainingRun:
         if self.is_main:
             self._bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         while self.step < max_steps and not self.stopped_by_signal:
+            # A checkpoint taken on an epoch's last batch resumes into an exhausted epoch: that is
+            # not an empty data set, only one that yields nothing from the start of an epoch is.
+            fresh_epoch = getattr(loader, "batch_in_epoch", 0) == 0
             empty = True
             for batch in loader:
                 empty = False
                 yield self._to_device(batch)
                 if self.step >= max_steps or self.stopped_by_signal:
                     break
-            if empty:
+            if empty and fresh_epoch:
                 raise ConfigError("the training data yielded no batch (too few samples for the batch size?)")
         self._close_bar()
         if self.stopped_by_signal:
@@ -232,7 +235,7 @@ class TrainingRun:
         return path
 
     def finish(self) -> None:
-        if self._count:
+        if self._counts:
             self._flush_logs()
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
@@ -249,12 +252,14 @@ class TrainingRun:
             self._bar = None
 
     def _accumulate(self, values: dict[str, float]) -> None:
+        # Counted per key: a term logged on some micro-steps only (a discriminator every 3rd step)
+        # is averaged over the steps that produced it.
         for k, v in values.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
-        self._count += 1
+            self._counts[k] = self._counts.get(k, 0) + 1
 
     def _flush_logs(self) -> None:
-        means = {k: v / max(self._count, 1) for k, v in self._sums.items()}
+        means = {k: v / self._counts[k] for k, v in self._sums.items()}
         if self.accelerator.num_processes > 1 and means:
             keys = sorted(means)
             t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -263,7 +268,7 @@ class TrainingRun:
         means.update(self._lrs)
         means.update(self.throughput.rates())
         self.log(means)
-        self._sums, self._count = {}, 0
+        self._sums, self._counts, self._lrs = {}, {}, {}
 
     def _sync_flags(self, bad: bool) -> tuple[bool, bool]:
         stop = self._pending_signal is not None

@@ -32,8 +32,13 @@ def setup_logging(output_dir: str | Path | None, is_main: bool, log_name: str = 
         file_handler.setLevel(logging.DEBUG)
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
-    for noisy in ("transformers", "diffusers", "datasets", "accelerate"):
+    for noisy in ("diffusers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers warns with a key table whenever one tower of a two-tower CLIP checkpoint is loaded.
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import datasets  # its per-split progress bars drown the training log
+
+    datasets.disable_progress_bars()
 
 
 class MetricsWriter:

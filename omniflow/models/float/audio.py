@@ -3,13 +3,17 @@ wav2vec2 speech-emotion classifier giving a 7-way emotion vector."""
 from __future__ import annotations
 
 import math
+from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Wav2Vec2Config, Wav2Vec2Model
+from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2PreTrainedModel
 
+from ...runtime.errors import DataError
+from ...runtime.hub import from_pretrained_kwargs, resolve_model_path
 from .config import FloatConfig
 from .io import FloatPretrainedMixin
 
@@ -17,13 +21,61 @@ EMOTION_LABELS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surpri
 PREDICT_EMOTION = (None, "s2e")  # labels that mean "predict the emotion from the speech"
 
 
-class AudioFeatureError(ValueError):
+class AudioFeatureError(DataError):
     """Audio or audio features that do not fit the audio encoder."""
 
 
-def freeze(module: nn.Module) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def freeze(module: ModuleT) -> ModuleT:
     module.requires_grad_(False)
     return module.eval()
+
+
+def uninitialised(factory: Callable[[], ModuleT]) -> ModuleT:
+    """A module built without running its weight initialisation (allocated on the meta device,
+    then as empty CPU memory), for modules whose every weight is loaded from a file next.
+    Saves seconds per large wav2vec2; the modules built here hold no buffers."""
+    with torch.device("meta"):
+        module = factory()
+    return module.to_empty(device="cpu")
+
+
+def audio_projection(feature_dim: int, dim_out: int) -> nn.Sequential:
+    """The trained audio head: Linear -> LayerNorm -> SiLU over the stacked wav2vec2 features."""
+    return nn.Sequential(nn.Linear(feature_dim, dim_out), nn.LayerNorm(dim_out), nn.SiLU())
+
+
+def load_audio_backbone(name_or_path: str) -> Wav2Vec2Model:
+    """The frozen wav2vec2 of a folder or hub id (e.g. ``facebook/wav2vec2-base-960h``), found
+    by :func:`omniflow.runtime.hub.resolve_model_path`: offline, a missing model names the
+    ``download_models.py --models wav2vec2_base`` command."""
+    return Wav2Vec2Model.from_pretrained(resolve_model_path(name_or_path), **from_pretrained_kwargs())
+
+
+def load_emotion_classifier(name_or_path: str) -> "SpeechEmotionClassifier":
+    """The speech-emotion classifier of a folder or hub id (``download_models.py --models wav2vec2_emotion``)."""
+    return SpeechEmotionClassifier.from_pretrained(resolve_model_path(name_or_path), **from_pretrained_kwargs())
+
+
+class WaveformNormalizer:
+    """Raw mono waveforms -> the input the wav2vec2 models expect (per-clip zero mean, unit
+    variance), with the feature extractor settings of the model's folder."""
+
+    def __init__(self, name_or_path: str):
+        folder = resolve_model_path(name_or_path)
+        self.extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, **from_pretrained_kwargs())
+        self.sampling_rate = self.extractor.sampling_rate
+
+    def __call__(self, waveform: np.ndarray, sampling_rate: int) -> torch.Tensor:
+        """(N,) float waveform at ``sampling_rate`` -> (1, N) normalised tensor."""
+        if sampling_rate != self.sampling_rate:
+            raise AudioFeatureError(f"audio at {sampling_rate} Hz; the wav2vec2 feature extractor expects "
+                                    f"{self.sampling_rate} Hz (resample it first)")
+        values = self.extractor(np.asarray(waveform, dtype=np.float32), sampling_rate=sampling_rate,
+                                return_tensors="pt").input_values
+        return values.reshape(1, -1)
 
 
 def frames_for_samples(num_samples: int, sampling_rate: int, fps: float) -> int:
@@ -49,7 +101,7 @@ class AudioEncoder(FloatPretrainedMixin, nn.Module):
         self.wav2vec2 = freeze(backbone)
         self.only_last_features = only_last_features
         self.sampling_rate, self.fps = sampling_rate, fps
-        self.audio_projection = nn.Sequential(nn.Linear(feature_dim, dim_out), nn.LayerNorm(dim_out), nn.SiLU())
+        self.audio_projection = audio_projection(feature_dim, dim_out)
 
     @classmethod
     def from_config(cls, config: FloatConfig, backbone: Wav2Vec2Model) -> "AudioEncoder":
@@ -59,8 +111,8 @@ class AudioEncoder(FloatPretrainedMixin, nn.Module):
     @classmethod
     def from_release(cls, checkpoint, config: FloatConfig, backbone: Wav2Vec2Model | None = None) -> "AudioEncoder":
         """Projection (and wav2vec2, if the file holds it) from a released ``float.pth``;
-        the backbone defaults to ``Wav2Vec2Model.from_pretrained(config.wav2vec_model_path)``."""
-        backbone = backbone or Wav2Vec2Model.from_pretrained(config.wav2vec_model_path)
+        the backbone defaults to :func:`load_audio_backbone` of ``config.wav2vec_model_path``."""
+        backbone = backbone or load_audio_backbone(config.wav2vec_model_path)
         encoder = cls.from_config(config, backbone)
         encoder.load_release(checkpoint)
         return encoder
@@ -74,8 +126,8 @@ class AudioEncoder(FloatPretrainedMixin, nn.Module):
     @classmethod
     def from_export_config(cls, values: dict) -> "AudioEncoder":
         values = dict(values)
-        backbone = Wav2Vec2Model(Wav2Vec2Config.from_dict(values.pop("backbone")))
-        return cls(backbone, **values)
+        backbone_config = Wav2Vec2Config.from_dict(values.pop("backbone"))
+        return cls(uninitialised(lambda: Wav2Vec2Model(backbone_config)), **values)
 
     def train(self, mode: bool = True) -> "AudioEncoder":
         super().train(mode)
@@ -175,7 +227,7 @@ class EmotionEncoder(FloatPretrainedMixin, nn.Module):
     @classmethod
     def from_release(cls, checkpoint, config: FloatConfig,
                      classifier: SpeechEmotionClassifier | None = None) -> "EmotionEncoder":
-        classifier = classifier or SpeechEmotionClassifier.from_pretrained(config.audio2emotion_path)
+        classifier = classifier or load_emotion_classifier(config.audio2emotion_path)
         encoder = cls(classifier)
         encoder.load_release(checkpoint)
         return encoder
@@ -185,7 +237,8 @@ class EmotionEncoder(FloatPretrainedMixin, nn.Module):
 
     @classmethod
     def from_export_config(cls, values: dict) -> "EmotionEncoder":
-        return cls(SpeechEmotionClassifier(Wav2Vec2Config.from_dict(values["classifier"])))
+        config = Wav2Vec2Config.from_dict(values["classifier"])
+        return cls(uninitialised(lambda: SpeechEmotionClassifier(config)))
 
     def train(self, mode: bool = True) -> "EmotionEncoder":
         super().train(mode)

@@ -9,10 +9,14 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from ...flow.guidance import GuidanceScales
+from ...flow.sampler import FlowSampler
+from ...runtime.errors import ConfigError
+
 ODE_METHODS = ("euler", "midpoint", "rk4", "dopri5")
 
 
-class FloatConfigError(ValueError):
+class FloatConfigError(ConfigError):
     """An inconsistent FLOAT option value."""
 
 
@@ -39,13 +43,15 @@ class FloatConfig:
     only_last_features: bool = _opt(False, "use only the last wav2vec2 layer instead of all 12 layers")
     audio_feature_dim: int = _opt(9216, "input width of the audio projection: wav2vec2 width x 12 layers "
                                         "(768 with only_last_features on wav2vec2-base)")
-    wav2vec_model_path: str = _opt("./checkpoints/wav2vec2-base-960h",
-                                   "folder (or hub id) of the frozen wav2vec2 audio encoder")
-    audio2emotion_path: str = _opt("./checkpoints/wav2vec-english-speech-emotion-recognition",
-                                   "folder (or hub id) of the wav2vec2 speech-emotion classifier")
+    # Hub ids: omniflow.runtime.hub finds them under models/ (download_models.py), in the Hub
+    # cache, or downloads them; the release's ./checkpoints/<name> folders work as paths too.
+    wav2vec_model_path: str = _opt("facebook/wav2vec2-base-960h",
+                                   "folder or hub id of the frozen wav2vec2 audio encoder")
+    audio2emotion_path: str = _opt("r-f/wav2vec-english-speech-emotion-recognition",
+                                   "folder or hub id of the wav2vec2 speech-emotion classifier")
     # flow matching transformer
     dim_h: int = _opt(1024, "FMT hidden width")
-    fmt_depth: int = _opt(8, "number of FMT blocks")
+    fmt_depth: int = _opt(8, "number of FMT blocks", aliases=["--fmt-depth"])
     num_heads: int = _opt(8, "attention heads per FMT block")
     mlp_ratio: float = _opt(4.0, "FMT MLP width / hidden width")
     num_prev_frames: int = _opt(10, "previous frames fed to the FMT for window-to-window continuity")
@@ -79,6 +85,14 @@ class FloatConfig:
         """Width of the motion auto-encoder at each resolution from 4 px to input_size."""
         sizes = [2 ** i for i in range(2, int(math.log2(self.input_size)) + 1)]
         return {s: self.motion_channels if s <= 32 else max(1, self.motion_channels * 32 // s) for s in sizes}
+
+    def guidance_scales(self) -> GuidanceScales:
+        return GuidanceScales(audio=self.a_cfg_scale, emotion=self.e_cfg_scale, reference=self.r_cfg_scale)
+
+    def sampler(self, nfe: int | None = None, method: str | None = None) -> FlowSampler:
+        """The ODE sampler of these options; ``nfe`` / ``method`` override them."""
+        return FlowSampler(method=method or self.torchdiffeq_ode_method, nfe=nfe or self.nfe, atol=self.ode_atol,
+                           rtol=self.ode_rtol)
 
     def validate(self) -> None:
         problems = []

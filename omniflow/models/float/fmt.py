@@ -11,9 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...flow.guidance import GuidanceScales, guided_velocity
 from ...flow.rectified_flow import ConditionDropout, FlowLoss, RectifiedFlow
+from ...flow.sampler import FlowSampler, sample_in_windows
 from .config import FloatConfig
 from .io import FloatPretrainedMixin
 
@@ -146,6 +148,7 @@ class FlowMatchingTransformer(FloatPretrainedMixin, nn.Module):
                                     for _ in range(config.fmt_depth))
         self.decoder = Decoder(hidden, config.dim_w)
         self.register_buffer("alignment_mask", band_mask(self.seq_len, config.attention_window), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block's activations in the backward pass
         self.initialize_weights()
 
     @classmethod
@@ -203,8 +206,12 @@ class FlowMatchingTransformer(FloatPretrainedMixin, nn.Module):
         wr = wr.reshape(b, 1, -1).to(x.dtype).expand(b, n, -1)
         c = self.c_embedder(torch.cat([wr, wa, we], dim=-1)) + self.t_embedder(t)[:, None]
         h = self.x_embedder(x) + self.pos_embed
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, c, self.alignment_mask)
+            if recompute:
+                h = checkpoint(block, h, c, self.alignment_mask, use_reentrant=False)
+            else:
+                h = block(h, c, self.alignment_mask)
         return self.decoder(h, c)
 
     def forward_guided(self, t: torch.Tensor, x: torch.Tensor, wa: torch.Tensor, wr: torch.Tensor,
@@ -226,6 +233,20 @@ class FlowMatchingTransformer(FloatPretrainedMixin, nn.Module):
             return dict(zip(branches, out.chunk(k)))
 
         return guided_velocity(run_branches, scales)
+
+    @torch.no_grad()
+    def sample(self, wa: torch.Tensor, wr: torch.Tensor, we: torch.Tensor, sampler: FlowSampler,
+               scales: GuidanceScales, seed: int | None = None, repeat_window_noise: bool = False) -> torch.Tensor:
+        """Motion latents (B, T, dim_w) for the audio condition wa (B, T, dim_a), reference motion
+        wr (B, dim_w) and emotion we (B, 1, dim_e), generated window by window with guidance
+        (see :func:`omniflow.flow.sample_in_windows` for ``seed`` / ``repeat_window_noise``)."""
+
+        def field(t, x, wa_window, prev_x, prev_wa):
+            return self.forward_guided(t, x, wa_window, wr, we, prev_x, prev_wa, scales)
+
+        return sample_in_windows(sampler, field, wa, window=self.seq_len - self.num_prev_frames,
+                                 num_prev=self.num_prev_frames, latent_dim=self.config.dim_w, seed=seed,
+                                 repeat_window_noise=repeat_window_noise)
 
     def training_loss(self, flow: RectifiedFlow, dropout: ConditionDropout, x1: torch.Tensor, wa: torch.Tensor,
                       wr: torch.Tensor, we: torch.Tensor, prev_x: torch.Tensor, prev_wa: torch.Tensor,

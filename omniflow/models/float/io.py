@@ -4,32 +4,33 @@ Two formats:
 
 * the released ``float.pth``: a flat ``{parameter name: tensor}`` dict of the whole model
   (prefixes ``motion_autoencoder.``, ``audio_encoder.``, ``emotion_encoder.``, ``fmt.``), read
-  with ``torch.load(weights_only=True)``. wav2vec2 weight-norm tensors use the torch < 2.1
-  names ``weight_g`` / ``weight_v``; the two wav2vec2 groups may be absent (the model then keeps
-  the weights read from their Hugging Face folders);
-* our export: a folder with ``model.safetensors`` and ``config.json`` (``save_pretrained``).
+  with ``torch.load(weights_only=True)`` (or the same dict saved as ``.safetensors``). wav2vec2
+  weight-norm tensors use the torch < 2.1 names ``weight_g`` / ``weight_v``; the two wav2vec2
+  groups may be absent (the model then keeps the weights read from their Hugging Face folders);
+* our export: a folder with ``model.safetensors`` and ``config.json``
+  (:func:`omniflow.runtime.export.export_weights`).
 
 Loading is strict: a missing, unexpected or mis-shaped key is an error that names the file.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import ClassVar, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from ...runtime.errors import CheckpointError
+from ...runtime.export import export_weights, load_export, load_state_dict_strict
+
 # torch >= 2.1 parametrised weight norm <-> the names in released (torch 2.0) checkpoints
 WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0",
                      "weight_v": "parametrizations.weight.original1"}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A weight file whose keys or shapes do not fit the model."""
 
 
@@ -57,22 +58,19 @@ def module_to_release_names(state: Mapping[str, torch.Tensor]) -> dict[str, torc
 
 
 def read_release_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A released-style ``float.pth`` as a flat dict of tensors."""
+    """A released-style ``float.pth`` (or the same dict as ``.safetensors``) as a flat dict of tensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"FLOAT checkpoint not found: {path}")
     try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors have many types; report them as one
         raise CheckpointMismatchError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"{path}: expected a flat dict of parameter name -> tensor")
     return state
-
-
-def _listing(label: str, keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-    return f"{len(keys)} {label}: {shown}"
 
 
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
@@ -86,18 +84,13 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
     own = module.state_dict()
     rebuilt = {name for name, _ in module.named_buffers()} - set(own)
     state = {k: v for k, v in state.items() if k not in rebuilt}
-    absent = [g for g in optional_groups if not any(k.startswith(g) for k in state)]
-    required = [k for k in own if not any(k.startswith(g) for g in absent)]
-    missing = [k for k in required if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in required if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        problems = [_listing(label, keys) for label, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("with wrong shape", mismatched)) if keys]
-        raise CheckpointMismatchError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=not absent)
-    return absent
+    absent = tuple(g for g in optional_groups if not any(k.startswith(g) for k in state))
+    kept = {k: v for k, v in own.items() if k.startswith(absent)} if absent else {}
+    try:
+        load_state_dict_strict(module, {**kept, **state}, source)
+    except CheckpointError as err:
+        raise CheckpointMismatchError(str(err)) from None
+    return list(absent)
 
 
 class FloatPretrainedMixin:
@@ -126,25 +119,15 @@ class FloatPretrainedMixin:
         return {self.release_prefix + k: v for k, v in state.items()}
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = {"model_type": self.model_type, **self.export_config()}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return directory
+        """Write ``model.safetensors`` + ``config.json`` into ``directory`` (replaced as a whole)."""
+        return export_weights(self.state_dict(), {"model_type": self.model_type, **self.export_config()}, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"):
-        directory = Path(directory)
-        config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for needed in (config_file, weights_file):
-            if not needed.is_file():
-                raise FileNotFoundError(f"{cls.__name__} export is missing {needed}")
-        config = json.loads(config_file.read_text())
+        state, config = load_export(directory)
         kind = config.pop("model_type", None)
         if kind != cls.model_type:
-            raise CheckpointMismatchError(f"{config_file}: model_type {kind!r}, expected {cls.model_type!r}")
+            raise CheckpointMismatchError(f"{directory}: model_type {kind!r}, expected {cls.model_type!r}")
         module = cls.from_export_config(config)
-        load_strict(module, load_file(str(weights_file)), str(weights_file))
+        load_strict(module, state, str(Path(directory) / "model.safetensors"))
         return module.to(device)

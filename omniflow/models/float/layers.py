@@ -29,9 +29,10 @@ def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
         stuffed[:, :, :, 0, :, 0] = x
         x = stuffed.view(b, c, h * up, w * up)
     x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
-    # every channel filtered as its own single-channel image (same arithmetic as the release)
-    out = F.conv2d(x.reshape(b * c, 1, *x.shape[-2:]), kernel.flip(0, 1).to(x.dtype)[None, None])
-    return out.view(b, c, *out.shape[-2:])[:, :, ::down, ::down]
+    # every channel filtered on its own (a depthwise conv: the release's per-channel arithmetic,
+    # several times faster than its reshape to b*c single-channel images)
+    weight = kernel.flip(0, 1).to(x.dtype).expand(c, 1, *kernel.shape).contiguous()
+    return F.conv2d(x, weight, stride=down, groups=c)
 
 
 class Blur(nn.Module):

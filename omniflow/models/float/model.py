@@ -14,8 +14,8 @@ from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from ...flow.guidance import GuidanceScales
-from ...flow.sampler import FlowSampler, sample_in_windows
-from .audio import AudioEncoder, EmotionEncoder, SpeechEmotionClassifier, frames_for_samples
+from .audio import (AudioEncoder, EmotionEncoder, SpeechEmotionClassifier, frames_for_samples, load_audio_backbone,
+                    load_emotion_classifier, uninitialised)
 from .config import FloatConfig, FloatConfigError
 from .fmt import FlowMatchingTransformer
 from .io import FloatPretrainedMixin
@@ -55,8 +55,8 @@ class FLOAT(FloatPretrainedMixin, nn.Module):
         ``config.wav2vec_model_path`` / ``config.audio2emotion_path``; wav2vec2 weights held by
         the checkpoint itself replace theirs."""
         config = config or FloatConfig()
-        model = cls(config, Wav2Vec2Model.from_pretrained(config.wav2vec_model_path),
-                    SpeechEmotionClassifier.from_pretrained(config.audio2emotion_path))
+        model = cls(config, load_audio_backbone(config.wav2vec_model_path),
+                    load_emotion_classifier(config.audio2emotion_path))
         model.load_release(checkpoint)
         return model
 
@@ -67,8 +67,10 @@ class FLOAT(FloatPretrainedMixin, nn.Module):
 
     @classmethod
     def from_export_config(cls, values: dict) -> "FLOAT":
-        return cls.build(FloatConfig.from_dict(values["float"]), Wav2Vec2Config.from_dict(values["audio_backbone"]),
-                         Wav2Vec2Config.from_dict(values["emotion_classifier"]))
+        audio, emotion = (Wav2Vec2Config.from_dict(values[k]) for k in ("audio_backbone", "emotion_classifier"))
+        # the export holds every wav2vec2 weight: skip their (slow) random initialisation
+        return cls(FloatConfig.from_dict(values["float"]), uninitialised(lambda: Wav2Vec2Model(audio)),
+                   uninitialised(lambda: SpeechEmotionClassifier(emotion)))
 
     def train(self, mode: bool = True) -> "FLOAT":
         super().train(mode)
@@ -96,15 +98,6 @@ class FLOAT(FloatPretrainedMixin, nn.Module):
         return self.audio_encoder(audio, self.num_frames(audio.shape[-1]))
 
     # ---- generation -------------------------------------------------------------------------
-    def guidance_scales(self) -> GuidanceScales:
-        c = self.config
-        return GuidanceScales(audio=c.a_cfg_scale, emotion=c.e_cfg_scale, reference=c.r_cfg_scale)
-
-    def sampler(self, nfe: int | None = None, method: str | None = None) -> FlowSampler:
-        c = self.config
-        return FlowSampler(method=method or c.torchdiffeq_ode_method, nfe=nfe or c.nfe, atol=c.ode_atol,
-                           rtol=c.ode_rtol)
-
     @torch.no_grad()
     def sample(self, r_s: torch.Tensor, wa: torch.Tensor, we: torch.Tensor, *, scales: GuidanceScales | None = None,
                nfe: int | None = None, method: str | None = None, seed: int | None = None,
@@ -112,14 +105,9 @@ class FLOAT(FloatPretrainedMixin, nn.Module):
         """Motion latents (B, T, dim_w) for reference motion r_s (B, dim_w), audio condition
         wa (B, T, dim_a) and emotion we (B, 1, dim_e). Unset options come from the config;
         see :func:`omniflow.flow.sample_in_windows` for ``seed`` / ``repeat_window_noise``."""
-        scales = scales or self.guidance_scales()
-
-        def field(t, x, wa_window, prev_x, prev_wa):
-            return self.fmt.forward_guided(t, x, wa_window, r_s, we, prev_x, prev_wa, scales)
-
-        return sample_in_windows(self.sampler(nfe, method), field, wa, window=self.config.window,
-                                 num_prev=self.config.num_prev_frames, latent_dim=self.config.dim_w, seed=seed,
-                                 repeat_window_noise=repeat_window_noise)
+        c = self.config
+        return self.fmt.sample(wa, r_s, we, c.sampler(nfe, method), scales or c.guidance_scales(), seed=seed,
+                               repeat_window_noise=repeat_window_noise)
 
     @torch.no_grad()
     def decode(self, s_r: torch.Tensor, feats: list[torch.Tensor], motion: torch.Tensor) -> torch.Tensor:

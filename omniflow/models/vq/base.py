@@ -73,12 +73,15 @@ class VQTokenizer(nn.Module):
 
 
 def resolve_args(where: str, given: Mapping[str, Any], defaults: Mapping[str, Any],
-                 aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 aliases: Mapping[str, str] | None = None,
+                 types: Mapping[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
     """Merge ``given`` over ``defaults``; unknown keys fail naming the closest valid key.
 
     ``aliases`` maps the older names used by the seed configs (``vocab_size``...) to ours.
+    Values are checked against the default's type; ``types`` gives the accepted types of keys
+    whose default is None (unchecked otherwise).
     """
-    aliases = aliases or {}
+    aliases, types = aliases or {}, types or {}
     resolved = dict(defaults)
     seen: dict[str, str] = {}
     for key, value in given.items():
@@ -91,8 +94,25 @@ def resolve_args(where: str, given: Mapping[str, Any], defaults: Mapping[str, An
             raise VQConfigError(f"{where}: {seen[name]!r} and {key!r} both set {name!r}; keep one")
         seen[name] = key
         _check_type(where, key, value, defaults[name])
+        if name in types and value is not None and not _is_instance(value, _as_tuple(types[name])):
+            raise VQConfigError(f"{where}: {key!r} must be {_type_names(types[name])}, got {value!r}")
         resolved[name] = value
     return resolved
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in _as_tuple(types))
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance where bools are not ints and ints are acceptable floats (JSON has one number type)."""
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types) or (float in types and isinstance(value, int))
 
 
 def _check_type(where: str, key: str, value: Any, default: Any) -> None:

@@ -204,14 +204,20 @@ class VQGANLoss(nn.Module):
             for p in trainable:
                 p.requires_grad_(True)
 
-    def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,
-                           step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Discriminator objective on real inputs vs detached reconstructions, and its terms."""
+    def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor, step: int,
+                           discriminator: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Discriminator objective on real inputs vs detached reconstructions, and its terms.
+
+        ``discriminator``: a wrapper of ``self.discriminator`` to run instead, e.g. its DDP module,
+        so that its gradients are averaged over ranks (the generator pass must use the bare module:
+        a DDP forward whose parameters get no gradient breaks DDP's next reduction).
+        """
         if not self.gan_active(step):
             raise RuntimeError(f"discriminator_loss called at step {step}, before disc_start={self.disc_start} "
                                "or with use_gan off; check discriminator_step_due(step) first")
-        logits_real = self.discriminator(inputs.detach()).float()
-        logits_fake = self.discriminator(recon.detach()).float()
+        discriminator = discriminator or self.discriminator
+        logits_real = discriminator(inputs.detach()).float()
+        logits_fake = discriminator(recon.detach()).float()
         d_loss = self.disc_factor * D_LOSSES[self.disc_loss](logits_real, logits_fake)
         terms = {"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
         return d_loss, {key: value.detach() for key, value in terms.items()}

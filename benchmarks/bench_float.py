@@ -1,0 +1,149 @@
+"""FLOAT speed: FMT training throughput (samples/s, MFU) and generation speed.
+
+On CUDA: the release size in bf16. Training runs the FMT + audio projection on random
+windows (10 previous + 50 current frames) with the rectified-flow loss, AdamW and backward;
+FLOPs are counted once with ``torch.utils.flop_counter`` and MFU is achieved FLOP/s over the
+GPU's dense bf16 peak. Generation runs the whole FLOAT (wav2vec2 features, emotion, windowed
+guided sampling at nfe 10, motion decoding) on random weights and reports seconds of 25 fps
+video per second of compute. On CPU the same measurements run at a small size (``--config
+tiny`` by default) in fp32, and the output says so.
+
+    python benchmarks/bench_float.py                 # CUDA: release size, bf16
+    python benchmarks/bench_float.py --config small  # any device
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import platform
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+from omniflow.flow import ConditionDropout, RectifiedFlow
+from omniflow.models.float import (EMOTION_LABELS, FLOAT, FloatConfig, FloatMotionGenerator, SpeechEmotionClassifier,
+                                   release_backbone_configs)
+
+# dense bf16 peak FLOP/s by device name fragment (NVIDIA data sheets, SXM parts)
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def backbone_configs(preset: str) -> tuple[Wav2Vec2Config, Wav2Vec2Config]:
+    """The released wav2vec2 architectures, or small random stand-ins for the small presets."""
+    if preset == "release":
+        return release_backbone_configs()
+    hidden = 64 if preset == "small" else 32
+    labels = dict(enumerate(EMOTION_LABELS))
+    audio = Wav2Vec2Config(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=4, intermediate_size=hidden * 2,
+                           conv_dim=(64,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16)
+    emotion = Wav2Vec2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16,
+                             num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
+    return audio, emotion
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_batch(config: FloatConfig, batch: int, device) -> dict[str, torch.Tensor]:
+    p, n = config.num_prev_frames, config.window
+    return {"motion": torch.randn(batch, n, config.dim_w, device=device),
+            "audio": torch.randn(batch, n, config.audio_feature_dim, device=device),
+            "prev_motion": torch.randn(batch, p, config.dim_w, device=device),
+            "prev_audio": torch.randn(batch, p, config.audio_feature_dim, device=device),
+            "has_prev": torch.ones(batch, device=device), "reference_motion": torch.randn(batch, config.dim_w, device=device),
+            "emotion": torch.softmax(torch.randn(batch, config.dim_e, device=device), -1)}
+
+
+def bench_training(config: FloatConfig, batch: int, steps: int, device, dtype) -> dict:
+    model = FloatMotionGenerator(config).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    flow, dropout = RectifiedFlow(), ConditionDropout.for_float()
+    data = random_batch(config, batch, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            loss = model(flow, dropout, data)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    for _ in range(2):  # warm-up (kernels, allocator)
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    flops = counter.get_total_flops()
+    out = {"batch": batch, "frames_per_sample": config.seq_len, "step_seconds": seconds,
+           "samples_per_s": batch / seconds, "tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
+           "trained_parameters_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
+    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    if peak is not None and dtype == torch.bfloat16:
+        out["mfu"] = flops / seconds / peak
+    return out
+
+
+@torch.no_grad()
+def bench_generation(config: FloatConfig, preset: str, seconds_of_audio: float, device, dtype) -> dict:
+    audio_cfg, emotion_cfg = backbone_configs(preset)
+    model = FLOAT(config, Wav2Vec2Model(audio_cfg), SpeechEmotionClassifier(emotion_cfg)).to(device).eval()
+    image = torch.rand(1, 3, config.input_size, config.input_size, device=device) * 2 - 1
+    audio = torch.randn(1, int(seconds_of_audio * config.sampling_rate), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with autocast:
+        model.inference(image, audio[:, : config.sampling_rate], nfe=10, seed=0)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        frames = model.inference(image, audio, nfe=10, seed=0)["video"].shape[1]
+        sync(device)
+    compute = time.perf_counter() - start
+    video = frames / config.fps
+    return {"video_seconds": video, "frames": frames, "compute_seconds": compute, "nfe": 10,
+            "video_seconds_per_compute_second": video / compute}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--config", default="release" if cuda else "tiny", choices=["release", "small", "tiny"],
+                        help="FLOAT size preset (default: release on CUDA, tiny on CPU)")
+    parser.add_argument("--batch_size", type=int, default=8 if cuda else 4, help="training windows per step")
+    parser.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed training steps")
+    parser.add_argument("--audio_seconds", type=float, default=10.0 if cuda else 2.0, help="speech length generated")
+    parser.add_argument("--output", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config = FloatConfig.preset(args.config)
+    if args.config != "release":  # the stand-in wav2vec2 stacks 12 layers of its width
+        config = dataclasses.replace(config, audio_feature_dim=12 * backbone_configs(args.config)[0].hidden_size)
+    torch.manual_seed(0)
+    result = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads)", "config": args.config, "dtype": str(dtype).split(".")[-1],
+              "training": bench_training(config, args.batch_size, args.steps, device, dtype),
+              "generation": bench_generation(config, args.config, args.audio_seconds, device, dtype)}
+    if not cuda:
+        result["note"] = (f"no CUDA device: the {args.config} configuration in fp32 on CPU, not the release size; "
+                          "MFU is reported on CUDA only")
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Audio/video input and output for FLOAT (PyAV; resampling with scipy).
+
+* :func:`read_audio`: any audio or video file -> mono float32 waveform at a given rate;
+* :func:`iter_video_frames`: a video resampled to a frame rate (each output time shows the
+  latest source frame), centre-cropped to a square and resized;
+* :func:`write_video`: frames (+ a waveform) -> an MP4 with H.264 (MPEG-4 Part 2 when this
+  FFmpeg has no H.264 encoder) video and AAC audio.
+"""
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+from PIL import Image
+from scipy.signal import resample_poly
+
+from ..runtime.errors import DataError
+
+PathLike = str | os.PathLike
+VIDEO_CODECS = ("libx264", "h264", "mpeg4")  # first one this FFmpeg build can encode is used
+
+
+class MediaError(DataError):
+    """A media file that cannot be decoded, or lacks the stream we need."""
+
+
+def resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling (scipy) of a 1-D waveform from ``rate`` to ``target_rate`` Hz."""
+    if rate == target_rate:
+        return waveform
+    g = math.gcd(int(rate), int(target_rate))
+    return resample_poly(waveform, target_rate // g, rate // g).astype(np.float32)
+
+
+def read_audio(path: PathLike, sampling_rate: int) -> np.ndarray:
+    """The first audio stream of ``path`` as a mono float32 waveform in [-1, 1] at ``sampling_rate``."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise MediaError(f"{path}: no audio stream")
+            stream = container.streams.audio[0]
+            # decode to float mono at the source rate; the rate change is done by scipy below
+            to_mono = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
+            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream)
+                      for f in to_mono.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in to_mono.resample(None)]
+            rate = stream.rate
+    except (av.FFmpegError, OSError) as err:
+        raise MediaError(f"{path}: cannot decode audio ({type(err).__name__}: {err})") from None
+    if not chunks:
+        raise MediaError(f"{path}: the audio stream holds no samples")
+    return resample(np.concatenate(chunks).astype(np.float32), rate, sampling_rate)
+
+
+def loudness_dbfs(waveform: np.ndarray) -> float:
+    """RMS level in dB relative to full scale (-inf for digital silence)."""
+    rms = float(np.sqrt(np.mean(np.square(waveform, dtype=np.float64)))) if waveform.size else 0.0
+    return 20 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def square_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre square crop of an (H, W, 3) uint8 image, resized to (size, size, 3)."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = Image.fromarray(image[top:top + side, left:left + side])
+    if side != size:
+        crop = crop.resize((size, size), Image.Resampling.BICUBIC)
+    return np.array(crop)  # writable, for torch.from_numpy
+
+
+def iter_video_frames(path: PathLike, fps: float, size: int) -> Iterator[np.ndarray]:
+    """Frames of the first video stream at ``fps``, as (size, size, 3) uint8 centre crops.
+
+    Output frame k shows the latest source frame whose time is <= k / fps, counted from the
+    first frame; the last source frame lasts one source frame period. Raises :class:`MediaError`
+    for an unreadable file or one without video.
+    """
+    eps = 1e-6
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or Fraction(fps)
+            k, shown, start, last = 0, None, None, 0.0
+            for index, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else index / float(rate)
+                start = t if start is None else start
+                last = t - start
+                while shown is not None and k / fps < last - eps:
+                    yield shown
+                    k += 1
+                shown = square_crop(frame.to_ndarray(format="rgb24"), size)
+            if shown is None:
+                raise MediaError(f"{path}: the video stream holds no frames")
+            while k / fps < last + 1 / float(rate) - eps:
+                yield shown
+                k += 1
+    except (av.FFmpegError, OSError) as err:
+        raise MediaError(f"{path}: cannot decode video ({type(err).__name__}: {err})") from None
+
+
+def _video_stream(container, fps: float, size: tuple[int, int]):
+    for name in VIDEO_CODECS:
+        try:
+            stream = container.add_stream(name, rate=Fraction(fps).limit_denominator(1001))
+        except (av.FFmpegError, ValueError):
+            continue
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        return stream
+    raise MediaError(f"this FFmpeg build can encode none of {VIDEO_CODECS}")
+
+
+def write_video(path: PathLike, frames: np.ndarray, fps: float, audio: np.ndarray | None = None,
+                sampling_rate: int = 16000) -> Path:
+    """Write (T, H, W, 3) uint8 ``frames`` at ``fps`` (H, W even) and an optional mono float
+    waveform as an MP4 with H.264 (or MPEG-4) video and AAC audio."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        video = _video_stream(container, fps, frames.shape[1:3])
+        sound = None
+        if audio is not None:
+            sound = container.add_stream("aac", rate=sampling_rate)
+            sound.layout = "mono"
+        for image in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
+        container.mux(video.encode())
+        if sound is not None:
+            frame = av.AudioFrame.from_ndarray(np.asarray(audio, np.float32)[None], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = sampling_rate, 0
+            container.mux(sound.encode(frame))
+            container.mux(sound.encode())
+    return path

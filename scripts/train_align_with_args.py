@@ -1,0 +1,334 @@
+"""Train the VAE latent alignment module (SPEC section 4) on the shared runtime.
+
+    python scripts/train_align_with_args.py --load_config configs/align/sd15_to_flux.json \\
+        --train_data_dir data/align/train --eval_data_dir data/align/eval
+    accelerate launch --config_file accelerate_configs/<cfg>.yaml scripts/train_align_with_args.py ...
+
+Two frozen ``AutoencoderKL``s (``--vae1_path``/``--vae2_path`` with their subfolders) and the
+trainable ``AlignModule`` that maps one VAE's latent (and/or the image) into the other's latent
+space (``--direction``). ``--cache_latents`` encodes every image with both VAEs once (on the main
+process, the others wait) and trains from the stored latents, so epochs skip the VAE encoders.
+
+The seed's flag names and how they map onto the runtime (``TrainingOptions``):
+
+    --save_dir DIR          sets --output_dir (checkpoints, exports, metrics.jsonl, config.json)
+    --log_dir DIR           sets --logging_dir (TensorBoard; relative to the output dir unless absolute)
+    --precision P           bf16|fp16|float32 (also bfloat16|float16) sets --mixed_precision bf16|fp16|no;
+                            the frozen VAEs run in that dtype, the module trains in float32 under autocast
+    --num_workers N         sets --dataloader_num_workers
+    --epochs N              training length, unless --max_train_steps is set
+    --save_frequency E      sets --checkpointing_steps to E epochs of optimizer steps
+    --eval_frequency E      evaluate every E epochs (and at the start); 0: never
+    --visualize_frequency E write image grids every E epochs (and at the start); 0: never
+    --warmup_steps N        linear warm-up over N optimizer steps, then StepLR: the rate is multiplied
+    --scheduler_step_size E by --scheduler_gamma every E epochs; one LambdaLR stepped per optimizer step
+    --device auto|cpu|cuda  cpu makes accelerate use the CPU; cuda fails when there is no GPU
+    --load_config FILE      JSON of option values (also --config); flags on the command line override it
+    --config_save_path FILE also write the resolved options there (the run always writes config.json)
+
+Seed names win over the runtime names they set when both are given. Outputs in the output dir:
+``checkpoint-<step>/`` (resume with ``--resume_from_checkpoint latest|PATH``), ``final/`` and
+``best/`` (lowest eval loss): the exported module, ``model.safetensors`` + ``config.json`` naming
+the VAEs, loadable by ``omniflow.models.align.load_aligned_pipeline`` and ``scripts/eval_align.py``;
+``visualizations/*.png`` (also in TensorBoard); ``metrics.jsonl`` with the loss, learning rate,
+gradient norm, eval latent MSE/cosine and per-channel mean/std of predicted and target latents.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import send_to_device
+from torch.utils.data import Dataset
+
+from omniflow.data import ResumableLoader
+from omniflow.data.images import DATASET_TYPES, ImageFolderDataset, build_image_dataset
+from omniflow.data.latent_cache import load_or_build_latent_cache
+from omniflow.models.align import (DIRECTIONS, INPUT_TYPES, LOSS_TYPES, AlignPipeline, export_config,
+                                   vae_downsample_factor)
+from omniflow.models.align_report import LatentMetrics, alignment_grids, channel_scalars, save_png
+from omniflow.runtime.errors import ConfigError, run_main
+from omniflow.runtime.launch import autocast_dtype, frozen_init_context
+from omniflow.runtime.options import parse_options, save_config
+from omniflow.runtime.run import TrainingOptions, TrainingRun, optimizer_steps
+
+logger = logging.getLogger("omniflow")
+
+PRECISIONS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "float32": "no"}
+
+
+@dataclass
+class AlignOptions:
+    # VAEs and direction
+    vae1_path: str = field(default="stable-diffusion-v1-5/stable-diffusion-v1-5", metadata={
+        "help": "first VAE: local folder, Hub id or download_models.py name"})
+    vae2_path: str = field(default="black-forest-labs/FLUX.1-dev", metadata={"help": "second VAE, as --vae1_path"})
+    vae1_subfolder: Optional[str] = field(default="vae", metadata={"help": "subfolder of --vae1_path holding the VAE"})
+    vae2_subfolder: Optional[str] = field(default="vae", metadata={"help": "subfolder of --vae2_path holding the VAE"})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Hugging Face Hub cache directory"})
+    direction: str = field(default="vae1_to_vae2", metadata={
+        "help": "which latent space is mapped into which", "choices": list(DIRECTIONS)})
+    # alignment module
+    hidden_channels: int = field(default=64, metadata={"help": "width of the alignment module"})
+    out_channels: int = field(default=16, metadata={"help": "latent channels of the target VAE"})
+    num_blocks: int = field(default=2, metadata={"help": "residual blocks after the fusion"})
+    downsample_times: int = field(default=3, metadata={"help": "stride-2 stages of the image stem (2**n = VAE factor)"})
+    input_types: list[str] = field(default_factory=lambda: list(INPUT_TYPES), metadata={
+        "help": "what the module reads", "choices": list(INPUT_TYPES)})
+    # data
+    train_data_dir: Optional[str] = field(default=None, metadata={"help": "folder of training images (required)"})
+    eval_data_dir: Optional[str] = field(default=None, metadata={
+        "help": "folder of evaluation images; without it there is no eval and no best/ export"})
+    dataset_type: str = field(default="default", metadata={
+        "help": "default: any nested image folder; imagenet: one sub-folder per class", "choices": list(DATASET_TYPES)})
+    resolution: int = field(default=512, metadata={"help": "images are resized and center-cropped to this square"})
+    train_batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
+    eval_batch_size: int = field(default=8, metadata={"help": "eval (and latent caching) batch size per process"})
+    num_workers: Optional[int] = field(default=None, metadata={"help": "sets --dataloader_num_workers"})
+    cache_latents: bool = field(default=False, metadata={
+        "help": "encode the images with both VAEs once and train from the stored latents"})
+    latent_cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "where --cache_latents keeps its train/ and eval/ caches (default: <output_dir>/latent_cache)"})
+    # training, optimiser, scheduler, loss
+    epochs: int = field(default=200, metadata={"help": "epochs to train unless --max_train_steps is set"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up, in optimizer steps"})
+    device: str = field(default="auto", metadata={"help": "auto, or force cpu / cuda", "choices": ["auto", "cpu", "cuda"]})
+    precision: Optional[str] = field(default=None, metadata={
+        "help": "sets --mixed_precision (float32 = no)", "choices": list(PRECISIONS)})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    scheduler_step_size: int = field(default=50, metadata={"help": "StepLR period, in epochs"})
+    scheduler_gamma: float = field(default=0.5, metadata={"help": "StepLR factor per period"})
+    loss_type: str = field(default="mse", metadata={"help": "latent-space loss", "choices": list(LOSS_TYPES)})
+    loss_weight: float = field(default=1.0, metadata={"help": "factor on the loss"})
+    # logging, checkpoints, visualisation, config files
+    save_dir: Optional[str] = field(default=None, metadata={"help": "sets --output_dir"})
+    log_dir: Optional[str] = field(default=None, metadata={"help": "sets --logging_dir"})
+    eval_frequency: int = field(default=1, metadata={"help": "epochs between evaluations (0: never)"})
+    save_frequency: Optional[int] = field(default=None, metadata={
+        "help": "epochs between checkpoints; sets --checkpointing_steps"})
+    visualize_frequency: int = field(default=5, metadata={"help": "epochs between image grids (0: never)"})
+    num_visualize_samples: int = field(default=4, metadata={"help": "images in each grid"})
+    config_save_path: Optional[str] = field(default=None, metadata={"help": "also write the resolved options here"})
+
+    def validate(self) -> None:
+        if not self.train_data_dir:
+            raise ConfigError("--train_data_dir is required (a folder of images)")
+        positive = ("resolution", "train_batch_size", "eval_batch_size", "epochs", "scheduler_step_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_frequency", "visualize_frequency", "num_visualize_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.save_frequency is not None and self.save_frequency < 1:
+            raise ConfigError(f"--save_frequency must be >= 1, got {self.save_frequency}")
+        if self.scheduler_gamma <= 0:
+            raise ConfigError(f"--scheduler_gamma must be > 0, got {self.scheduler_gamma}")
+
+
+def apply_seed_names(opts: AlignOptions, train_opts: TrainingOptions) -> None:
+    """Copy the seed's names into the runtime's options and clear them, so that a saved config
+    holds each value once (under the runtime's name) and reloads without conflicts."""
+    renames = {"save_dir": "output_dir", "log_dir": "logging_dir", "num_workers": "dataloader_num_workers"}
+    for seed_name, runtime_name in renames.items():
+        if getattr(opts, seed_name) is not None:
+            setattr(train_opts, runtime_name, getattr(opts, seed_name))
+            setattr(opts, seed_name, None)
+    if opts.precision is not None:
+        train_opts.mixed_precision = PRECISIONS[opts.precision]
+        opts.precision = None
+
+
+def select_device(device: str) -> None:
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # read by accelerate when the Accelerator is built
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+
+
+def warmup_step_lr(warmup_steps: int, step_size: int, gamma: float):
+    """LambdaLR factor: linear warm-up to 1 over ``warmup_steps``, then x ``gamma`` every ``step_size`` steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return gamma ** ((step - warmup_steps) // step_size)
+
+    return factor
+
+
+class BestEval:
+    """The lowest eval loss so far; checkpointed so that a resumed run keeps the right ``best/``."""
+
+    def __init__(self):
+        self.loss, self.step = math.inf, -1
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss, self.step = float(state["loss"]), int(state["step"])
+
+
+def predict_batch(pipeline: AlignPipeline, batch: dict, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, target) latents of a batch; a cached batch carries both VAEs' latents (no encoder runs)."""
+    images = batch.get("image")
+    if cached:
+        return pipeline.predict(images, batch[pipeline.source_key]), batch[pipeline.target_key]
+    return pipeline.predict(images), pipeline.encode_target(images)
+
+
+def training_data(images: ImageFolderDataset, pipeline: AlignPipeline, opts: AlignOptions, run: TrainingRun,
+                  split: str) -> Dataset:
+    """The image folder itself, or its latent cache (built on the main process while the others wait)."""
+    if not opts.cache_latents:
+        return images
+    root = Path(opts.latent_cache_dir) if opts.latent_cache_dir else run.output_dir / "latent_cache"
+    with run.accelerator.main_process_first():
+        return load_or_build_latent_cache(images, pipeline, root / split, batch_size=opts.eval_batch_size,
+                                          num_workers=run.opts.dataloader_num_workers)
+
+
+def check_resolution(pipeline: AlignPipeline, resolution: int) -> None:
+    factor = max(vae_downsample_factor(vae) for vae in pipeline.vaes.values())
+    if resolution % factor:
+        raise ConfigError(f"--resolution {resolution} is not a multiple of the VAEs' downsampling factor {factor}")
+
+
+def build_loaders(opts: AlignOptions, train_opts: TrainingOptions, pipeline: AlignPipeline, run: TrainingRun):
+    """Training loader, eval loader (None without --eval_data_dir) and the images the grids show."""
+    acc = run.accelerator
+    ranks = {"rank": acc.process_index, "world_size": acc.num_processes,
+             "num_workers": train_opts.dataloader_num_workers}
+    train_images = build_image_dataset(opts.train_data_dir, opts.dataset_type, opts.resolution)
+    loader = ResumableLoader(training_data(train_images, pipeline, opts, run, "train"), opts.train_batch_size,
+                             seed=train_opts.seed, **ranks)
+    if not opts.eval_data_dir:
+        return loader, None, train_images
+    eval_images = build_image_dataset(opts.eval_data_dir, opts.dataset_type, opts.resolution)
+    eval_loader = ResumableLoader(training_data(eval_images, pipeline, opts, run, "eval"), opts.eval_batch_size,
+                                  shuffle=False, drop_last=False, **ranks)
+    return loader, eval_loader, eval_images
+
+
+class AlignTrainer:
+    """The evaluation, visualisation and export steps around the runtime's loop."""
+
+    def __init__(self, run: TrainingRun, pipeline: AlignPipeline, opts: AlignOptions, eval_loader, cached: bool,
+                 visual_source: ImageFolderDataset):
+        self.run, self.pipeline, self.opts = run, pipeline, opts
+        self.eval_loader, self.cached, self.visual_source = eval_loader, cached, visual_source
+        self.best = BestEval()
+        run.accelerator.register_for_checkpointing(self.best)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Eval loss, latent MSE/cosine and channel statistics over the eval set (all ranks)."""
+        acc, pipeline = self.run.accelerator, self.pipeline
+        pipeline.module.eval()
+        metrics = LatentMetrics(pipeline.target_vae.config.latent_channels, self.run.device)
+        for batch in self.eval_loader:
+            pred, target = predict_batch(pipeline, send_to_device(batch, self.run.device), self.cached)
+            metrics.update(pred, target, pipeline.loss(pred, target))
+        pipeline.module.train()
+        stats = metrics.compute(lambda t: acc.reduce(t, reduction="sum"))
+        headline = {"eval/loss": stats["loss"], "eval/latent_mse": stats["latent_mse"],
+                    "eval/latent_cosine": stats["latent_cosine"]}
+        logger.info("step %d: %s", self.run.step, " ".join(f"{k}={v:.4g}" for k, v in headline.items()))
+        self.run.metrics.log({**headline, **channel_scalars(stats, "eval_latent/")}, self.run.step)  # file + trackers
+        if stats["loss"] < self.best.loss:
+            self.best.loss, self.best.step = stats["loss"], self.run.step
+            eval_summary = {k: v for k, v in stats.items() if not isinstance(v, list)}
+            self.export("best", eval=eval_summary)
+        return stats
+
+    @torch.no_grad()
+    def visualize(self) -> None:
+        """Comparison and latent-channel grids of the first eval (else training) images (PNG + TensorBoard)."""
+        pipeline, run = self.pipeline, self.run
+        count = min(self.opts.num_visualize_samples, len(self.visual_source))
+        images = torch.stack([self.visual_source[i]["image"] for i in range(count)])
+        pipeline.module.eval()
+        grids = alignment_grids(pipeline, images)
+        pipeline.module.train()
+        if not run.is_main:
+            return
+        for name, grid in grids.items():
+            save_png(grid, run.output_dir / "visualizations" / f"{name}_step{run.step:07d}.png")
+            run.metrics.log_images(f"align/{name}", grid.unsqueeze(0), run.step)
+
+    def export(self, name: str, **extra) -> None:
+        config = export_config(self.pipeline, self.opts.resolution, step=self.run.step, **extra)
+        self.run.export(self.pipeline.module, config, self.run.output_dir / name)
+
+
+def main() -> None:
+    opts, train_opts = parse_options(AlignOptions, TrainingOptions, config_flags=("--load_config", "--config"),
+                                     description="Train the VAE latent alignment module.")
+    apply_seed_names(opts, train_opts)
+    select_device(opts.device)
+    run = TrainingRun(train_opts, opts, micro_batch_size=opts.train_batch_size)
+    acc = run.accelerator
+    if opts.config_save_path and run.is_main:
+        save_config(opts.config_save_path, opts, train_opts)
+
+    torch.manual_seed(train_opts.seed)  # identical initial module weights on every rank
+    with frozen_init_context(acc):
+        pipeline = AlignPipeline.from_pretrained(
+            opts.vae1_path, opts.vae2_path, opts.vae1_subfolder, opts.vae2_subfolder, opts.cache_dir,
+            vae_dtype=autocast_dtype(acc), direction=opts.direction, loss_type=opts.loss_type,
+            loss_weight=opts.loss_weight, hidden_channels=opts.hidden_channels, out_channels=opts.out_channels,
+            num_blocks=opts.num_blocks, downsample_times=opts.downsample_times, input_types=opts.input_types)
+    check_resolution(pipeline, opts.resolution)
+    pipeline.to(run.device)
+
+    loader, eval_loader, visual_source = build_loaders(opts, train_opts, pipeline, run)
+
+    accumulation = train_opts.gradient_accumulation_steps
+    steps_per_epoch = optimizer_steps(len(loader), 1, accumulation)
+    max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.epochs, accumulation)
+    if opts.save_frequency:
+        train_opts.checkpointing_steps = opts.save_frequency * steps_per_epoch
+    eval_every = opts.eval_frequency * steps_per_epoch if eval_loader is not None else 0
+    visualize_every = opts.visualize_frequency * steps_per_epoch if opts.num_visualize_samples else 0
+    logger.info("%d optimizer steps (%d per epoch), checkpoints every %d, eval every %d, grids every %d",
+                max_steps, steps_per_epoch, train_opts.checkpointing_steps, eval_every, visualize_every)
+
+    optimizer = torch.optim.AdamW(pipeline.module.parameters(), lr=opts.learning_rate, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_step_lr(
+        opts.warmup_steps, opts.scheduler_step_size * steps_per_epoch, opts.scheduler_gamma))
+    pipeline.module, optimizer, scheduler = run.prepare(pipeline.module, optimizer, scheduler)
+    trainer = AlignTrainer(run, pipeline, opts, eval_loader, opts.cache_latents, visual_source)
+    run.resume(loader)
+
+    # At the start, and at a resume step whose checkpoint was saved just before its eval ran.
+    if eval_every and run.step % eval_every == 0:
+        trainer.evaluate()
+    if visualize_every and run.step % visualize_every == 0:
+        trainer.visualize()
+    clip = train_opts.max_grad_norm or math.inf  # an infinite clip still returns the norm for logging
+    for batch in run.batches(loader, max_steps):
+        with run.accumulate(pipeline.module):
+            pred, target = predict_batch(pipeline, batch, opts.cache_latents)
+            loss = pipeline.loss(pred, target)
+            grad_norm = run.backward_and_step(loss, pipeline.module, optimizer, scheduler, max_grad_norm=clip)
+        # end_step averages terms over micro-batches, the norm exists once per optimizer step
+        norm = None if grad_norm is None or not math.isfinite(grad_norm) else float(grad_norm) * accumulation
+        run.end_step({"loss": loss}, samples=len(target), grad_norm=norm)
+        if run.at_interval(eval_every):
+            trainer.evaluate()
+        if run.at_interval(visualize_every):
+            trainer.visualize()
+    if eval_every and run.step % eval_every:
+        trainer.evaluate()  # the final weights compete for best/ too
+    trainer.export("final")
+    run.finish()
+
+
+if __name__ == "__main__":
+    run_main(main)

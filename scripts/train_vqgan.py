@@ -1,0 +1,241 @@
+"""Train a VQ tokenizer (VQ-VAE dVAE-style, VQ-VAE-2, OptVQ, VQGAN/EMAVQ) from a ``param.json``.
+
+    python scripts/train_vqgan.py --config configs/vq/vqgan_f16.json [--device cuda:0]
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml scripts/train_vqgan.py --config ...
+
+``param.json`` (the seed project's layout, see ``omniflow/models/vq/params.py`` and
+``configs/vq/``) sets the model, the data and the run. The runtime's flags (``--output_dir``,
+``--max_train_steps``, ``--checkpointing_steps``, ``--resume_from_checkpoint``,
+``--mixed_precision``...) override its ``train_args`` when given on the command line:
+defaults < param.json < command line.
+
+Each step trains the autoencoder (reconstruction + LPIPS + VQ + adaptive-weight GAN loss) with
+one Adam optimizer and, from ``disc_start`` on, every ``disc_every`` (3) steps the PatchGAN
+discriminator with another. The autoencoder's learning rate decays by ``lr_decay`` every
+``lr_decay_steps`` (1000) steps. Validation (PSNR, SSIM, LPIPS, rFID, codebook usage and
+perplexity over the whole validation set) runs every ``validation_interval`` steps and at the
+end; each new best PSNR/SSIM/LPIPS/rFID is exported to ``<output_dir>/best_<metric>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from accelerate.utils import parse_flag_from_env
+from torch.utils.data import DataLoader, Subset
+from torchvision.utils import save_image
+
+from omniflow.data import ResumableLoader
+from omniflow.data.video import frames_to_model_input
+from omniflow.models.vq import VQTokenizer, summarize_parameters
+from omniflow.models.vq.evaluation import BestMetrics, VQValidator
+from omniflow.models.vq.losses import VQGANLoss
+from omniflow.models.vq.params import (VQParams, build_dataset, build_model, build_training_loss,
+                                       load_param_json)
+from omniflow.runtime.checkpoint import resolve_checkpoint
+from omniflow.runtime.errors import ConfigError, run_main
+from omniflow.runtime.options import parse_options
+from omniflow.runtime.run import TrainingOptions, TrainingRun
+
+logger = logging.getLogger("omniflow")
+
+DEFAULT_NUM_STEPS = 100_000  # the seed's default when neither num_steps nor --max_train_steps is set
+DEEPSPEED_REFUSAL = (
+    "train_vqgan.py does not run under DeepSpeed: its bf16 engine would cast the codebooks and their EMA "
+    "statistics to bf16. Launch with DDP instead: accelerate launch --config_file accelerate_configs/multi_gpu.yaml "
+    "scripts/train_vqgan.py ... (bf16 autocast, quantizers kept in fp32)")
+
+
+@dataclass
+class VQScriptOptions:
+    config: str = field(default="param.json", metadata={"help": "training config in the param.json layout "
+                                                                "(see configs/vq/)"})
+    device: Optional[str] = field(default=None, metadata={
+        "help": "auto|cpu|cuda|cuda:N for a single process; overrides train_args.device"})
+
+
+def refuse_deepspeed() -> None:
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError(DEEPSPEED_REFUSAL)
+
+
+def select_device(device: str) -> None:
+    """Apply ``--device`` before the accelerator exists: ``cpu`` forces the CPU, ``cuda:N`` picks GPU N."""
+    if device in ("auto", "cuda"):
+        return
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        return
+    match = re.fullmatch(r"cuda:(\d+)", device)
+    if match is None:
+        raise ConfigError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"device {device!r} picks the GPU of a single process; under accelerate launch choose "
+                          "GPUs with --gpu_ids or CUDA_VISIBLE_DEVICES")
+    index = int(match.group(1))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(index)]
+    if visible and index >= len(ids):
+        raise ConfigError(f"device {device!r}: only {len(ids)} GPU(s) visible (CUDA_VISIBLE_DEVICES={visible})")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[index] if visible else ids[0]
+
+
+def validation_loader(dataset, batch_size: int, rank: int, world_size: int, num_workers: int) -> DataLoader:
+    """Each validation item exactly once over all ranks (rank r takes items r, r + N, ...)."""
+    return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=batch_size,
+                      shuffle=False, num_workers=num_workers)
+
+
+def lr_factor(step: int, gamma: float, every: int) -> float:
+    return gamma ** (step // every)
+
+
+def model_summary(params: VQParams, model: VQTokenizer, loss: VQGANLoss) -> str:
+    """Markdown: input, code grid per level, bits per image, parameters per module."""
+    height, width = params.image_size
+    model.eval()
+    with torch.no_grad():
+        indices = model.encode(torch.zeros(1, model.in_channels, height, width)).indices
+    model.train()
+    levels = indices if isinstance(indices, tuple) else (indices,)
+    lines = [f"# {params.model_type} ({params.family})", "",
+             f"- input: frames (B, {model.in_channels}, {height}, {width}) in [-1, 1]"]
+    bits = 0
+    for level, (codes, size) in enumerate(zip(levels, model.codebook_sizes)):
+        lines.append(f"- codes, level {level}: {codes.shape[1]} x {codes.shape[2]} indices into {size} codes")
+        bits += codes[0].numel() * math.ceil(math.log2(size))
+    lines += [f"- bits per image: {bits} ({bits / (height * width):.4f} bits per pixel)", "",
+              "## Tokenizer", "", summarize_parameters(model), ""]
+    for name, module in (("Discriminator (PatchGAN)", loss.discriminator), ("Perceptual (LPIPS, frozen)", loss.perceptual)):
+        if module is not None:
+            lines.append(f"- {name}: {sum(p.numel() for p in module.parameters()):,} parameters")
+    return "\n".join(lines) + "\n"
+
+
+def train_step(run: TrainingRun, x: torch.Tensor, model: torch.nn.Module, loss_fn: VQGANLoss, optimizer, scheduler,
+               last_layer: torch.nn.Parameter, disc: torch.nn.Module | None, disc_optimizer) -> dict[str, Any]:
+    """Autoencoder update, then (when due) discriminator update; returns the terms to log.
+
+    The generator pass judges with the bare discriminator (``loss_fn.discriminator``), the
+    discriminator pass with ``disc``, its DDP wrapper, so that only its gradients are synchronised.
+    """
+    step = run.step  # optimizer steps done so far: this step's index
+    acc = run.accelerator
+    with run.accumulate(model, *([disc] if disc is not None else [])):
+        with acc.autocast():
+            vq_loss, recon, perplexity, _ = model(x)
+            loss, terms = loss_fn.generator_loss(x, recon, vq_loss, step, last_layer)
+        grad_norm = run.backward_and_step(loss, model, optimizer, scheduler)
+        if loss_fn.discriminator_step_due(step):
+            with acc.autocast():
+                d_loss, d_terms = loss_fn.discriminator_loss(x, recon, step, discriminator=disc)
+            run.backward_and_step(d_loss, disc, disc_optimizer, lr_name="lr_disc")
+            terms.update(d_terms)
+    terms.pop("total")
+    if disc_optimizer is not None:  # every step, also before the first discriminator update
+        terms["lr_disc"] = disc_optimizer.param_groups[0]["lr"]
+    return {"loss": loss, **terms, "perplexity": perplexity, "grad_norm": grad_norm}
+
+
+def parse_args() -> tuple[VQParams, VQScriptOptions, TrainingOptions]:
+    """param.json first (its values become defaults), then every flag on top of it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=VQScriptOptions.config)
+    wants_help = any(arg in ("-h", "--help") for arg in sys.argv[1:])
+    params = None if wants_help else load_param_json(pre.parse_known_args()[0].config)
+    opts, train_opts = parse_options(VQScriptOptions, TrainingOptions, config_flags=("--options_file",),
+                                     config_values=params.runtime if params else None,
+                                     description=__doc__.splitlines()[0])
+    return params, opts, train_opts
+
+
+def main() -> None:
+    refuse_deepspeed()
+    params, opts, train_opts = parse_args()
+    select_device(opts.device or params.train["device"])
+    train = params.train
+    run = TrainingRun(train_opts, opts, micro_batch_size=params.data["batch_size"])
+    acc = run.accelerator
+    logger.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"))
+
+    torch.manual_seed(train_opts.seed)  # identical initial weights on every rank
+    model = build_model(params)
+    loss_fn = build_training_loss(params, model.in_channels)
+    if acc.is_main_process:
+        (run.output_dir / "param.json").write_text(json.dumps(params.resolved(), indent=2) + "\n")
+        summary = model_summary(params, model, loss_fn)
+        (run.output_dir / "model_summary.md").write_text(summary)
+        logger.info("model summary (also in %s):\n%s", run.output_dir / "model_summary.md", summary)
+
+    train_set = build_dataset(params, "train", train_opts.seed)
+    loader = ResumableLoader(train_set, params.data["batch_size"], seed=train_opts.seed, rank=acc.process_index,
+                         world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
+    val_set = build_dataset(params, "valid", train_opts.seed)
+    max_steps = train_opts.max_train_steps or DEFAULT_NUM_STEPS
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=train["lr"],
+                                 betas=(train["beta1"], train["beta2"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, gamma=train["lr_decay"], every=train["lr_decay_steps"]))
+    loss_fn.to(acc.device)
+    disc = disc_optimizer = None
+    if loss_fn.discriminator is not None:
+        disc_optimizer = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=train["disc_lr"],
+                                          betas=(train["disc_beta1"], train["disc_beta2"]))
+        model, disc, optimizer, disc_optimizer, scheduler = run.prepare(
+            model, loss_fn.discriminator, optimizer, disc_optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = run.prepare(model, optimizer, scheduler)
+    bare_model = acc.unwrap_model(model)
+    last_layer = bare_model.get_last_layer()  # the DDP wrapper has no get_last_layer
+
+    validator, val_loader = None, None
+    if val_set is not None:
+        validator = VQValidator(acc, bare_model.codebook_sizes, lpips_net=train["val_lpips_net"],
+                                lpips_weights_path=train["val_lpips_weights_path"], compute_fid=train["compute_fid"],
+                                fid_weights_path=train["fid_weights_path"], num_grid_images=train["num_grid_images"])
+        val_loader = validation_loader(val_set, params.data["val_batch_size"] or params.data["batch_size"],
+                                       acc.process_index, acc.num_processes, train_opts.dataloader_num_workers)
+    else:
+        logger.info("no validation data (data_process.valid): validation and best-model exports are off")
+    best = BestMetrics(run.output_dir, acc.is_main_process)
+    run.resume(loader)
+    best.restore(resolve_checkpoint(run.output_dir, train_opts.resume_from_checkpoint), run.step)
+    export_config = {**bare_model.export_config(), "image_size": list(params.image_size)}
+
+    def validate() -> None:
+        metrics, grid = validator.evaluate(bare_model, val_loader)
+        run.log({f"val/{name}": value for name, value in metrics.items()})
+        if grid is not None:
+            run.metrics.log_images("val/original_reconstruction", grid[None], run.step)
+            (run.output_dir / "samples").mkdir(exist_ok=True)
+            save_image(grid, run.output_dir / "samples" / f"val_step{run.step:07d}.png")
+        for name in best.update(run.step, metrics):
+            run.export(model, {**export_config, "step": run.step, "best_metric": name, "val_metrics": metrics},
+                       run.output_dir / f"best_{name}")
+
+    validated_at = -1
+    for batch in run.batches(loader, max_steps):
+        x = frames_to_model_input(batch["frames"])
+        terms = train_step(run, x, model, loss_fn, optimizer, scheduler, last_layer, disc, disc_optimizer)
+        run.end_step({**terms, "skipped_files": batch["skipped"].sum()}, samples=len(x))
+        if validator is not None and run.at_interval(train["validation_interval"]):
+            validate()
+            validated_at = run.step
+    if validator is not None and validated_at != run.step:
+        validate()
+    run.export(model, {**export_config, "step": run.step}, run.output_dir / "final")
+    run.finish()
+
+
+if __name__ == "__main__":
+    run_main(main)
