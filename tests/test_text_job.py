@@ -171,10 +171,13 @@ def test_missing_model_names_the_download_command(world, tmp_path):
     assert "python download_models.py --models omniflow" in error_line(result)
 
 
-def test_training_without_a_head_is_refused(world, tmp_path):
-    result = run_script("train_text.py", *world.model_args(), "--data_config", world.data["mixed"],
-                        "--output_dir", tmp_path, check=False)
-    assert "nothing to train" in error_line(result)
+def test_training_without_a_head_is_refused(world, tmp_path, monkeypatch, capsys):
+    """Checked before anything is built, so it runs in-process through the script's error handler."""
+    monkeypatch.setattr("sys.argv", ["train_text.py", *world.model_args(), "--data_config", str(world.data["mixed"]),
+                                     "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "scripts/train_text.py"), run_name="__main__")
+    assert exit_info.value.code == 2 and "nothing to train" in capsys.readouterr().err
 
 
 def test_checkpoint_argument(tmp_path, variant_runs):
@@ -256,3 +259,11 @@ def test_audio_to_text_trains_and_generates_with_an_audio_vae(world, tmp_path):
         import shutil
 
         shutil.rmtree(world.models_dir / "audioldm2")
+
+
+def test_benchmark_prints_a_row_per_batch_size(capsys, tmp_path):
+    bench = runpy.run_path(str(REPO / "benchmarks/bench_text.py"), run_name="bench")
+    bench["main"](["--batch_sizes", "2", "3", "--warmup", "0", "--iters", "1", "--json_out", str(tmp_path / "b.json")])
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["batch"] for r in rows] == [2, 3] and all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert "| omniflow_tiny | cpu | float32 | 3 |" in capsys.readouterr().out
