@@ -144,6 +144,8 @@ def main():
                              collate_fn=collate_examples, seed=train_opts.seed, rank=acc.process_index,
                              world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
     evaluation = eval_loaders(config, opts, acc)
+    if loader.iterable and not train_opts.max_train_steps:
+        raise ConfigError(f"{opts.data_config} streams its data (no epoch length): give --max_train_steps")
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,
                                                               train_opts.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)

@@ -47,7 +47,8 @@ def build_world(root: Path) -> TinyWorld:
 
 
 def run_script(name: str, *args, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], cwd=cwd, env=env(),
+                            capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL
 from transformers.audio_utils import mel_filter_bank
 
 from ..models.omniflow.errors import MissingComponentError
+from ..models.omniflow.loading import from_pretrained
 from ..runtime.hub import MissingModelError, resolve_model_path
 
 SAMPLE_RATE = 16_000
@@ -70,5 +71,4 @@ def load_audio_encoder(models_dir: str | Path = "models", device: torch.device |
         folder = resolve_model_path(REGISTRY_NAME, models_dir=models_dir)
     except MissingModelError as err:
         raise MissingComponentError(f"audio->text needs the AudioLDM2 VAE to encode audio clips: {err}") from None
-    vae = AutoencoderKL.from_pretrained(str(folder))
-    return AudioLatentEncoder(vae.to(device))
+    return AudioLatentEncoder(from_pretrained(AutoencoderKL, folder).to(device))

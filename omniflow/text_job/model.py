@@ -73,9 +73,9 @@ class TextJobModel:
         components = set(BASE_COMPONENTS) | ({"text_encoder"} if training else set())
         for task in tasks:
             components |= set(TASK_COMPONENTS[task])
-        audio = load_audio_encoder(models_dir, device) if "audio_to_text" in tasks else None
         parts = load_omniflow(model_path, tuple(sorted(components)), device=device, dtype=dtype,
                               models_dir=models_dir)
+        audio = load_audio_encoder(models_dir, device) if "audio_to_text" in tasks else None
         return cls(OmniFlowPipeline(parts), audio_encoder=audio, **options)
 
     @property
@@ -166,8 +166,8 @@ class TextJobModel:
         if len(tasks) != 1:
             raise ValueError(f"generate() takes a batch of one task, got {sorted(tasks)}")
         task = tasks.pop()
-        options.update(head_functions(stack))
-        options.update(guidance_scale=DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale, generator=generator)
+        options.update(head_functions(stack), generator=generator,
+                       guidance_scale=DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale)
         if task == "image_to_text":
             return self.pipe.image_to_text([to_pil_image(image.cpu()) for image in batch["image"]], **options)
         if task == "text":
