@@ -156,6 +156,16 @@ def test_prefix_head_gives_the_lm_prefix_and_trains(world):
     assert len(texts) == len(photos["id"])
 
 
+def test_streaming_data_trains_for_a_step_count(world, tmp_path):
+    common = [*world.model_args(), "--data_config", world.data["streaming"], "--use_text_decoder_head",
+              "--text_decoder_head_hidden_dim", "32", "--batch_size", "2", "--report_to", "none"]
+    assert "give --max_train_steps" in error_line(run_script("train_text.py", *common, "--output_dir", tmp_path / "a",
+                                                             check=False))
+    run_script("train_text.py", *common, "--max_train_steps", "2", "--log_interval", "1", "--output_dir", tmp_path / "b")
+    assert [row["step"] for row in train_rows(tmp_path / "b")] == [1, 2]
+    assert (tmp_path / "b/best_head/model.safetensors").is_file()
+
+
 def test_invalid_head_dim_is_one_line(world, tmp_path):
     result = run_script("train_text.py", *world.model_args(), "--data_config", world.data["mixed"],
                         "--use_text_decoder_head", "--text_decoder_head_dim", "100", "--output_dir", tmp_path,

@@ -36,11 +36,12 @@ def build_world(root: Path) -> TinyWorld:
         "mixed": [("photos", "image_to_text", folders["photos"], 8), ("sonnets", "text", folders["shakespeare"], 8)],
         # Two sentences: the learning test's memorisation task.
         "two_sentences": [("sonnets", "text", folders["shakespeare"], 2)],
+        "streaming": [("sonnets", "text", folders["shakespeare"], 8)],
     }
     data = {}
     for name, sets in configs.items():
-        datasets = [{"name": n, "task": task, "source": str(folder), "max_samples": limit}
-                    for n, task, folder, limit in sets]
+        datasets = [{"name": n, "task": task, "source": str(folder), "max_samples": limit,
+                     "streaming": name == "streaming"} for n, task, folder, limit in sets]
         data[name] = root / f"{name}.json"
         data[name].write_text(json.dumps({"datasets": datasets, "image_size": 64, "max_length": 40}))
     return TinyWorld(root, paths.model_path, paths.models_dir, data)
