@@ -125,6 +125,8 @@ def main():
         raise ConfigError("nothing to train: without --use_text_decoder_head the head is the released text_output "
                           "(score it with generate_text.py --checkpoint none)")
     config = load_data_config(opts.data_config)
+    if any(spec.streaming for spec in config.datasets if spec.train_split) and not train_opts.max_train_steps:
+        raise ConfigError(f"{opts.data_config} streams its training data (no epoch length): give --max_train_steps")
     run = TrainingRun(train_opts, opts, head_opts, micro_batch_size=opts.batch_size)
     acc = run.accelerator
     tasks = {spec.task for spec in config.datasets}
@@ -144,8 +146,6 @@ def main():
                              collate_fn=collate_examples, seed=train_opts.seed, rank=acc.process_index,
                              world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
     evaluation = eval_loaders(config, opts, acc)
-    if loader.iterable and not train_opts.max_train_steps:
-        raise ConfigError(f"{opts.data_config} streams its data (no epoch length): give --max_train_steps")
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,
                                                               train_opts.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)

@@ -156,11 +156,11 @@ def test_prefix_head_gives_the_lm_prefix_and_trains(world):
     assert len(texts) == len(photos["id"])
 
 
-def test_streaming_data_trains_for_a_step_count(world, tmp_path):
+def test_streaming_data_trains_for_a_step_count(world, tmp_path, monkeypatch, capsys):
     common = [*world.model_args(), "--data_config", world.data["streaming"], "--use_text_decoder_head",
               "--text_decoder_head_hidden_dim", "32", "--batch_size", "2", "--report_to", "none"]
-    assert "give --max_train_steps" in error_line(run_script("train_text.py", *common, "--output_dir", tmp_path / "a",
-                                                             check=False))
+    assert "give --max_train_steps" in run_in_process("train_text.py", *common, "--output_dir", tmp_path / "a",
+                                                      monkeypatch=monkeypatch, capsys=capsys)
     run_script("train_text.py", *common, "--max_train_steps", "2", "--log_interval", "1", "--output_dir", tmp_path / "b")
     assert [row["step"] for row in train_rows(tmp_path / "b")] == [1, 2]
     assert (tmp_path / "b/best_head/model.safetensors").is_file()
@@ -181,13 +181,19 @@ def test_missing_model_names_the_download_command(world, tmp_path):
     assert "python download_models.py --models omniflow" in error_line(result)
 
 
-def test_training_without_a_head_is_refused(world, tmp_path, monkeypatch, capsys):
-    """Checked before anything is built, so it runs in-process through the script's error handler."""
-    monkeypatch.setattr("sys.argv", ["train_text.py", *world.model_args(), "--data_config", str(world.data["mixed"]),
-                                     "--output_dir", str(tmp_path)])
+def run_in_process(name, *args, monkeypatch, capsys) -> str:
+    """A script's user-facing error raised before anything is built, through its own error handler."""
+    monkeypatch.setattr("sys.argv", [name, *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(REPO / "scripts/train_text.py"), run_name="__main__")
-    assert exit_info.value.code == 2 and "nothing to train" in capsys.readouterr().err
+        runpy.run_path(str(REPO / "scripts" / name), run_name="__main__")
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_training_without_a_head_is_refused(world, tmp_path, monkeypatch, capsys):
+    error = run_in_process("train_text.py", *world.model_args(), "--data_config", world.data["mixed"],
+                           "--output_dir", tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert "nothing to train" in error
 
 
 def test_checkpoint_argument(tmp_path, variant_runs):
