@@ -110,6 +110,12 @@ def _frame_count(container: av.container.InputContainer, stream: av.video.stream
     return 0
 
 
+def _first_video_stream(container, path: PathLike):
+    if not container.streams.video:
+        raise UnusableFileError(f"{path} has no video stream")
+    return container.streams.video[0]
+
+
 def read_clip(path: PathLike, num_frames: int, size: Size = None,
               rng: np.random.Generator | None = None) -> np.ndarray:
     """Decode ``num_frames`` consecutive frames from a random start (first frame without ``rng``).
@@ -119,9 +125,7 @@ def read_clip(path: PathLike, num_frames: int, size: Size = None,
     """
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise UnusableFileError(f"{path} has no video stream")
-            stream = container.streams.video[0]
+            stream = _first_video_stream(container, path)
             stream.thread_type = "AUTO"
             total = _frame_count(container, stream)
             if total < num_frames:
@@ -168,9 +172,7 @@ def video_info(path: PathLike) -> dict[str, object]:
     """``{"frames", "fps" (Fraction), "height", "width"}`` of a video file's first video stream."""
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise UnusableFileError(f"{path} has no video stream")
-            stream = container.streams.video[0]
+            stream = _first_video_stream(container, path)
             return {"frames": _frame_count(container, stream), "fps": stream.average_rate or stream.guessed_rate,
                     "height": stream.height, "width": stream.width}
     except av.FFmpegError as err:
@@ -182,9 +184,7 @@ def iter_frames(path: PathLike, size: Size = None, max_frames: int | None = None
     hw = _as_hw(size)
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise UnusableFileError(f"{path} has no video stream")
-            stream = container.streams.video[0]
+            stream = _first_video_stream(container, path)
             stream.thread_type = "AUTO"
             for count, frame in enumerate(container.decode(stream)):
                 if max_frames is not None and count >= max_frames:
