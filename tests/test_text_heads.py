@@ -360,3 +360,13 @@ def test_bf16_autocast_keeps_losses_in_fp32():
         losses = stack.auxiliary_losses(out, torch.randn(2, TOKENS, LAT), prefix_proj)
     assert out.latents_or_prefix.dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 for v in losses.values())
+
+
+def test_importing_the_heads_leaves_the_vq_families_and_lpips_unloaded():
+    # The text scripts import the heads at start-up; the VQ families and LPIPS would add seconds to each.
+    import subprocess
+    import sys
+
+    code = "import sys, omniflow.models.text_heads; print(sorted(m for m in ('lpips', 'omniflow.models.vq.registry') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
