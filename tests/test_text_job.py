@@ -97,6 +97,21 @@ def test_resume_reproduces_the_uninterrupted_run(world, variant_runs, tmp_path):
     assert [m["step"] for m in metrics(resumed) if "val/loss" in m] == [4]
 
 
+def test_two_processes_train_validate_export_and_resume_exactly(world, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = [*world.model_args(), "--data_config", world.data["mixed"], *TRAIN]
+    run_script("train_text.py", *args, "--output_dir", full, processes=2)
+    validation = [m for m in metrics(full) if "val/loss" in m]
+    assert [m["step"] for m in validation] == [2, 4]
+    # Each rank holds one of the two validation examples per set; rank 0 logs the sums over both ranks.
+    assert {"val/photos/loss", "val/sonnets/loss"} <= set(validation[0])
+    assert json.loads((full / "best_head/config.json").read_text())["val_loss"] == pytest.approx(
+        min(m["val/loss"] for m in validation))
+    run_script("train_text.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", full / "checkpoint-2",
+               processes=2)
+    assert train_rows(resumed) == [row for row in train_rows(full) if row["step"] > 2]
+
+
 def test_head_learns_and_its_generations_improve(world, tmp_path):
     """Two training sentences: the loss falls, and sampled texts share more with them than the released
     text_output's (scored on the training sentences themselves: a random tiny backbone does not generalise)."""

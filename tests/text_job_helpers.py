@@ -47,9 +47,15 @@ def build_world(root: Path) -> TinyWorld:
     return TinyWorld(root, paths.model_path, paths.models_dir, data)
 
 
-def run_script(name: str, *args, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], cwd=cwd, env=env(),
-                            capture_output=True, text=True, timeout=600)
+def run_script(name: str, *args, cwd: Path = REPO, check: bool = True, processes: int = 1) -> subprocess.CompletedProcess:
+    """``python scripts/<name> args`` or, with ``processes`` > 1, CPU processes under ``accelerate launch``."""
+    cmd, run_env = [sys.executable, str(SCRIPTS / name)], env()
+    if processes > 1:
+        cmd[1:1] = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        run_env["ACCELERATE_USE_CPU"] = "true"
+    result = subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=run_env, capture_output=True, text=True,
+                            timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
