@@ -6,8 +6,9 @@
 # With models/OmniFlow-v0.5: the README's example (baseline MLP head, 1 epoch, batch 4, lr 1e-4) on
 # configs/data_config.json (local data from scripts/download_data.py), output
 # checkpoints/text_decoder_head_test/mlp_head/. Without it: the embedded default, built offline
-# (a tiny random OmniFlow and the sample data): a memorisation check on 4 training sentences
-# (a random tiny backbone cannot generalise), about 2 minutes on 2 CPU cores.
+# (the sample data, and a tiny OmniFlow, random but for a text decoder fitted to the sample texts):
+# a memorisation check on 4 photos and 4 sentences, captioned and rewritten before and after
+# training (a random tiny backbone cannot generalise), about 4 minutes on 2 CPU cores.
 # Every run starts its output folder afresh; the tiny model and sample data are built once.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,15 +25,17 @@ if [ -d models/OmniFlow-v0.5 ]; then
          --log_interval 100 --eval_interval 500 --save_interval 2000)
   GENERATE=(--max_samples 50 --batch_size 4)
 else
-  echo "models/OmniFlow-v0.5 not found: running the embedded default (tiny random OmniFlow + sample data, built offline; memorises 4 Sonnet sentences and scores texts sampled for those same sentences, not a benchmark)"
+  echo "models/OmniFlow-v0.5 not found: running the embedded default (tiny OmniFlow + sample data, built offline; memorises 4 photo captions and 4 Sonnet sentences and scores texts sampled for those same examples, not a benchmark)"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the tiny models gain nothing from more threads
-  [ -f models/tiny/OmniFlow-tiny/transformer/config.json ] || $PYTHON scripts/make_tiny_omniflow.py --output_dir models/tiny > /dev/null
   [ -f data/sample/shakespeare/train.jsonl ] || $PYTHON -m omniflow.data.sample_text --output_dir data/sample > /dev/null
-  MODEL=(--model_path models/tiny/OmniFlow-tiny --models_dir models/tiny/models)
+  TINY=models/tiny-fitted
+  [ -f $TINY/OmniFlow-tiny/transformer/config.json ] || $PYTHON scripts/make_tiny_omniflow.py --output_dir $TINY \
+    --fit_decoder_on data/sample/photos/validation.jsonl data/sample/shakespeare/train.jsonl | tail -1
+  MODEL=(--model_path $TINY/OmniFlow-tiny --models_dir $TINY/models)
   DATA=configs/text_head/tiny_example_data.json
   OUT=checkpoints/text_decoder_head_test/tiny_mlp_head
-  TRAIN=(--batch_size 4 --max_train_steps 600 --lr 1e-2 --noise_shift 0.1 --report_to none
-         --log_interval 100 --eval_interval 300 --save_interval 300)
+  TRAIN=(--batch_size 4 --max_train_steps 800 --lr 1e-2 --report_to none
+         --log_interval 100 --eval_interval 400 --save_interval 400)
   GENERATE=(--strength 0.1 --num_inference_steps 10 --max_new_tokens 40)
 fi
 
@@ -43,5 +46,5 @@ $PYTHON scripts/generate_text.py "${MODEL[@]}" --data_config "$DATA" "${GENERATE
   --output "$OUT/before.json"
 $PYTHON scripts/generate_text.py "${MODEL[@]}" --data_config "$DATA" "${GENERATE[@]}" --checkpoint "$OUT/best_*" \
   --output "$OUT/after.json"
-$PYTHON scripts/eval_text.py --predictions "$OUT/before.json" "$OUT/after.json" --output_json "$OUT/eval_results.json"
+$PYTHON scripts/eval_text.py --predictions "$OUT/before.json" "$OUT/after.json" --by_task --output_json "$OUT/eval_results.json"
 echo "before.json: the released text_output (no head); after.json: the trained head ($OUT/best_head). $((SECONDS - start)) s"

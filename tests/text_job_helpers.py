@@ -28,20 +28,31 @@ class TinyWorld:
         return ["--model_path", str(self.model), "--models_dir", str(self.models_dir)]
 
 
+def sample_texts(folders: dict[str, Path]) -> list[str]:
+    """The captions of the whole photos and the training sentences of the sample data."""
+    records = [json.loads(line) for line in (folders["photos"] / "validation.jsonl").read_text().splitlines()]
+    texts = [r["references"][0] for r in records]
+    records = [json.loads(line) for line in (folders["shakespeare"] / "train.jsonl").read_text().splitlines()]
+    return texts + [r["text"] for r in records]
+
+
 def build_world(root: Path) -> TinyWorld:
-    paths = make_tiny_omniflow(root / "tiny")
     folders = write_sample_text_data(root / "data", n_text=40, variants=2)
+    # The text decoder is fitted to the sample texts (as run_example.sh does), so that heads can steer it.
+    paths = make_tiny_omniflow(root / "tiny", decoder_texts=sample_texts(folders), decoder_steps=300)
     configs = {
         # 4 photos (2 training crops each, the whole photo held out) and 8 + 8 sonnet sentences.
         "mixed": [("photos", "image_to_text", folders["photos"], 8), ("sonnets", "text", folders["shakespeare"], 8)],
-        # Two sentences: the learning test's memorisation task.
+        # The learning tests' memorisation tasks: two sentences; two whole photos, trained and scored.
         "two_sentences": [("sonnets", "text", folders["shakespeare"], 2)],
+        "two_photos": [("photos", "image_to_text", folders["photos"], 2)],
         "streaming": [("sonnets", "text", folders["shakespeare"], 8)],
     }
     data = {}
     for name, sets in configs.items():
+        splits = {"train_split": "validation", "eval_split": "validation"} if name == "two_photos" else {}
         datasets = [{"name": n, "task": task, "source": str(folder), "max_samples": limit,
-                     "streaming": name == "streaming"} for n, task, folder, limit in sets]
+                     "streaming": name == "streaming", **splits} for n, task, folder, limit in sets]
         data[name] = root / f"{name}.json"
         data[name].write_text(json.dumps({"datasets": datasets, "image_size": 64, "max_length": 40}))
     return TinyWorld(root, paths.model_path, paths.models_dir, data)
