@@ -10,10 +10,10 @@ so that a text head trained on them can change what the decoder writes; everythi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from omniflow.data.text import jsonl_texts
 from omniflow.models.omniflow.tiny import TINY_CONFIG_DIR, WEIGHT_FORMATS, make_tiny_omniflow
 
 
@@ -31,31 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def corpus_texts(paths: list[Path]) -> list[str]:
-    """The distinct "text" and "references" strings of JSONL records, in order of appearance."""
-    texts: list[str] = []
-    for path in paths:
-        found = len(texts)
-        if not path.is_file():
-            raise FileNotFoundError(f"--fit_decoder_on: {path} not found")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from None
-            texts += [record["text"]] if isinstance(record.get("text"), str) else []
-            texts += [ref for ref in record.get("references") or [] if isinstance(ref, str)]
-        if len(texts) == found:
-            raise ValueError(f"{path}: no record has a \"text\" or \"references\" string")
-    return list(dict.fromkeys(text for text in texts if text.strip()))
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        texts = corpus_texts(args.fit_decoder_on)
+        texts = jsonl_texts(args.fit_decoder_on)
         paths = make_tiny_omniflow(args.output_dir, args.config_dir, args.seed, args.weights, args.ema,
                                    decoder_texts=texts, decoder_steps=args.fit_decoder_steps)
     except (ValueError, FileNotFoundError) as err:

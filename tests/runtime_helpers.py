@@ -14,20 +14,28 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def train(output_dir, *extra, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+def launch(script: Path, processes: int = 1) -> tuple[list[str], dict]:
+    """The command and environment that run ``script``: plain python for one process, else torchrun through
+    accelerate with gloo on the CPU (see accelerate_configs/cpu.yaml)."""
     if processes == 1:
-        cmd = [sys.executable, str(SCRIPT)]
-        run_env = env()
-    else:
-        # torchrun through accelerate; gloo on CPU (see accelerate_configs/cpu.yaml)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
-        run_env = {**env(), "ACCELERATE_USE_CPU": "true"}
-    cmd += ["--output_dir", str(output_dir), *COMMON, *extra]
-    result = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=REPO, **popen)
+        return [sys.executable, str(script)], env()
+    return ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+            {**env(), "ACCELERATE_USE_CPU": "true"})
+
+
+def run_script(script: Path, *args, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """Runs ``script args`` as a user would (see :func:`launch`); a failure shows the end of its stderr."""
+    cmd, run_env = launch(script, processes)
+    result = subprocess.run([*cmd, *map(str, args)], env=run_env, capture_output=True, text=True, timeout=600,
+                            **{"cwd": REPO, **popen})
     if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        raise AssertionError(f"{script.name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def train(output_dir, *extra, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    return run_script(SCRIPT, "--output_dir", output_dir, *COMMON, *extra, processes=processes, check=check, **popen)
 
 
 def metrics(output_dir) -> list[dict]:

@@ -6,7 +6,6 @@ path, real photos from write_sample_images, the scripts run as subprocesses on t
 import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from align_helpers import vae_dirs  # noqa: F401 (fixture)
 from PIL import Image
-from runtime_helpers import REPO, env, metrics
+from runtime_helpers import REPO, metrics, run_script
 from safetensors.torch import load_file
 
 from omniflow.data.images import ImageFolderDataset, write_sample_images
@@ -28,18 +27,6 @@ EVAL = REPO / "scripts" / "eval_align.py"
 TINY_CONFIG = REPO / "configs" / "align" / "tiny.json"
 
 pytestmark = pytest.mark.slow
-
-
-def run_script(script: Path, *args, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    cmd, run_env = [sys.executable, str(script), *map(str, args)], env()
-    if processes > 1:  # DDP over gloo on the CPU, as tests/runtime_helpers.py launches it
-        cmd[1:1] = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        run_env["ACCELERATE_USE_CPU"] = "true"
-    result = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script.name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
 
 
 def train_lines(output_dir) -> dict[int, dict]:

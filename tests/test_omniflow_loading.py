@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaTokenizer
 
+from omniflow.data.text import jsonl_texts
 from omniflow.models.omniflow.checkpoint import ema_parameter_names, omniflow_state_dict
 from omniflow.models.omniflow.errors import CheckpointError, MissingComponentError, OmniFlowConfigError
 from omniflow.models.omniflow.loading import load_omniflow
@@ -199,7 +200,7 @@ def test_make_tiny_script_names_the_bad_line_of_a_decoder_corpus(tmp_path):
     with pytest.raises(SystemExit, match=f"{corpus}:2: not a JSON record"):
         script["main"](["--output_dir", str(tmp_path / "out"), "--fit_decoder_on", str(corpus)])
     corpus.write_text('{"text": "Brick wall.", "references": ["Brick wall.", "A wall of bricks."]}\n')
-    assert script["corpus_texts"]([corpus]) == ["Brick wall.", "A wall of bricks."]
+    assert jsonl_texts([corpus]) == ["Brick wall.", "A wall of bricks."]
     corpus.write_text('{"id": 1}\n')
     with pytest.raises(SystemExit, match="no record has a"):
         script["main"](["--output_dir", str(tmp_path / "out"), "--fit_decoder_on", str(corpus)])

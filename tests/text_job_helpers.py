@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from omniflow.data.sample_text import write_sample_text_data
+from omniflow.data.text import jsonl_texts
 from omniflow.models.omniflow.tiny import make_tiny_omniflow
-from runtime_helpers import REPO, env, metrics
+import runtime_helpers
+from runtime_helpers import REPO, metrics
 
 SCRIPTS = REPO / "scripts"
 
@@ -28,18 +29,11 @@ class TinyWorld:
         return ["--model_path", str(self.model), "--models_dir", str(self.models_dir)]
 
 
-def sample_texts(folders: dict[str, Path]) -> list[str]:
-    """The captions of the whole photos and the training sentences of the sample data."""
-    records = [json.loads(line) for line in (folders["photos"] / "validation.jsonl").read_text().splitlines()]
-    texts = [r["references"][0] for r in records]
-    records = [json.loads(line) for line in (folders["shakespeare"] / "train.jsonl").read_text().splitlines()]
-    return texts + [r["text"] for r in records]
-
-
 def build_world(root: Path) -> TinyWorld:
     folders = write_sample_text_data(root / "data", n_text=40, variants=2)
     # The text decoder is fitted to the sample texts (as run_example.sh does), so that heads can steer it.
-    paths = make_tiny_omniflow(root / "tiny", decoder_texts=sample_texts(folders), decoder_steps=300)
+    texts = jsonl_texts([folders["photos"] / "validation.jsonl", folders["shakespeare"] / "train.jsonl"])
+    paths = make_tiny_omniflow(root / "tiny", decoder_texts=texts, decoder_steps=300)
     configs = {
         # 4 photos (2 training crops each, the whole photo held out) and 8 + 8 sonnet sentences.
         "mixed": [("photos", "image_to_text", folders["photos"], 8), ("sonnets", "text", folders["shakespeare"], 8)],
@@ -58,18 +52,9 @@ def build_world(root: Path) -> TinyWorld:
     return TinyWorld(root, paths.model_path, paths.models_dir, data)
 
 
-def run_script(name: str, *args, cwd: Path = REPO, check: bool = True, processes: int = 1) -> subprocess.CompletedProcess:
-    """``python scripts/<name> args`` or, with ``processes`` > 1, CPU processes under ``accelerate launch``."""
-    cmd, run_env = [sys.executable, str(SCRIPTS / name)], env()
-    if processes > 1:
-        cmd[1:1] = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        run_env["ACCELERATE_USE_CPU"] = "true"
-    result = subprocess.run([*cmd, *map(str, args)], cwd=cwd, env=run_env, capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
+def run_script(name: str, *args, processes: int = 1, check: bool = True, cwd: Path = REPO):
+    """``scripts/<name> args`` in one process or, with ``processes`` > 1, CPU DDP under accelerate launch."""
+    return runtime_helpers.run_script(SCRIPTS / name, *args, processes=processes, check=check, cwd=cwd)
 
 
 def train_rows(output_dir: Path) -> list[dict]:

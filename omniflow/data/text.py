@@ -181,6 +181,27 @@ def choose_reference(record_id: str, references: Sequence[str], draw: int = 0) -
     return references[(zlib.crc32(record_id.encode()) + draw) % len(references)]
 
 
+def jsonl_texts(paths: Sequence[str | Path]) -> list[str]:
+    """The distinct "text" and "references" strings of JSONL records (the local format), in order of appearance."""
+    texts: list[str] = []
+    for path in map(Path, paths):
+        found = len(texts)
+        if not path.is_file():
+            raise DataError(f"{path} not found")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not a JSON record ({err.msg})") from None
+            texts += [record["text"]] if isinstance(record.get("text"), str) else []
+            texts += [ref for ref in record.get("references") or [] if isinstance(ref, str)]
+        if len(texts) == found:
+            raise DataError(f"{path}: no record has a \"text\" or \"references\" string")
+    return list(dict.fromkeys(text for text in texts if text.strip()))
+
+
 def load_audio(file, sample_rate: int) -> torch.Tensor:
     """A mono float32 waveform at `sample_rate` from a path or a file object."""
     samples, rate = soundfile.read(file, dtype="float32", always_2d=True)
