@@ -8,7 +8,6 @@ The fixtures in ``tests/fixtures/float/`` come from the reference data set (see 
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -23,6 +22,11 @@ GOLDEN = FIXTURES / "golden.safetensors"
 RELEASE_KEYS = FIXTURES / "release_keys.txt"
 SPEECH = (FIXTURES / "speech" / "cards_002.wav", FIXTURES / "speech" / "librivox_0880.wav")
 
+# Fixed tolerance for outputs whose measured float32 sensitivity S (parity_helpers) is at most 1/8 of
+# atol + rtol * |golden|: ours and the golden each err by up to ~2.4 S, so their gap stays below 0.6
+# of the tolerance. Measured S: at most 0.08 of it for the FMT, ODE, sampling, encoders and emotion
+# outputs; 0.23 for the wav2vec2 features and far more for the motion decoder's images, which are
+# therefore compared within their measured noise instead.
 ATOL, RTOL = 1e-5, 1e-4
 
 # golden cases kept whole (inputs and outputs)
@@ -62,19 +66,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, atol: 
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs golden {tuple(expected.shape)}"
     diff = (actual - expected).abs().max().item()
     assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"{name}: max abs diff {diff:.3e}"
-
-
-@contextlib.contextmanager
-def reference_threads(n: int = 2):
-    """Run with ``n`` intra-op threads. The motion decoder's flow warps amplify rounding
-    differences ~1e3-fold, and single-threaded conv kernels round differently from the
-    multi-threaded ones the goldens were made with."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tiny_config(**overrides):

@@ -1,5 +1,7 @@
 """Parity with the public FLOAT code: the tiny released-layout checkpoint loads strictly and
-our modules reproduce the reference outputs (fp32, CPU) within atol 1e-5 / rtol 1e-4.
+our modules reproduce the reference outputs (fp32, CPU): within atol 1e-5 / rtol 1e-4 where the
+computation is well conditioned, within the measured float32 noise where it amplifies rounding
+(the motion decoder's outputs and the wav2vec2 features; see parity_helpers).
 
 Where we fix a defect of the public code, the test says so and checks the fixed behaviour:
 ``nfe`` is the number of velocity evaluations (the public code took opt.nfe grid points, i.e.
@@ -8,14 +10,19 @@ reference, and the public code's same-noise-for-every-window is opt-in (``repeat
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from float_helpers import (TINY_CHECKPOINT, assert_close, case_inputs, load_golden, reference_threads, strided,
-                           tiny_config)
+from float_helpers import TINY_CHECKPOINT, assert_close, case_inputs, load_golden, strided, tiny_config
 from omniflow.flow import ConditionDropout, FlowSampler, GuidanceScales
 from omniflow.models.float import FLOAT, CheckpointMismatchError, band_mask, read_release_checkpoint
 from omniflow.models.float.fmt import sinusoid_table, timestep_features
+from omniflow.models.float.layers import SQRT2, ToRGB
+from parity_helpers import assert_within_fp32_noise
 
 REFERENCE_NFE = 9  # the public code's default nfe=10 ran 9 Euler steps
 
@@ -30,10 +37,10 @@ def tiny():
     return FLOAT.from_release(TINY_CHECKPOINT, tiny_config()).eval()
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    with reference_threads():
-        yield
+@pytest.fixture(scope="module")
+def tiny64(tiny):
+    """The same model in float64, for the outputs compared within their float32 noise."""
+    return copy.deepcopy(tiny).double()
 
 
 def _save(state, path):
@@ -193,16 +200,24 @@ def test_sample_honours_nfe(tiny, golden):
 
 # ---- condition encoders -----------------------------------------------------------------------
 
-def test_audio_features(tiny, golden):
-    a = golden["audio_feat.in.a"]
-    assert_close(tiny.audio_encoder.features(a, int(golden["audio_feat.in.seq_len"])), golden["audio_feat.out"],
-                 "audio_feat")
-    a, prev = golden["audio_feat_train.in.a"], golden["audio_feat_train.in.prev_a"]
-    cfg = tiny.config
-    assert_close(tiny.audio_encoder.features(torch.cat([prev, a], dim=1), cfg.seq_len),
-                 golden["audio_feat_train.out"], "audio_feat_train")
-    assert_close(tiny.audio_encoder.features(a, cfg.window), golden["audio_feat_train.out_noprev"],
-                 "audio_feat_train (no previous audio)")
+AUDIO_FEATURE_GOLDENS = ("audio_feat.out", "audio_feat_train.out", "audio_feat_train.out_noprev")
+
+
+def _audio_features(encoder, i):
+    return {"audio_feat.out": encoder.features(i["a"], i["frames"]),
+            "audio_feat_train.out": encoder.features(torch.cat([i["prev_train_a"], i["train_a"]], dim=1),
+                                                     i["train_frames"]),
+            "audio_feat_train.out_noprev": encoder.features(i["train_a"], i["window"])}
+
+
+def test_audio_features(tiny, tiny64, golden):
+    """Compared within their measured float32 noise: the stacked wav2vec2 layer outputs are ~3x
+    more sensitive to rounding than the other well-conditioned outputs (see float_helpers.ATOL)."""
+    inputs = {"a": golden["audio_feat.in.a"], "frames": int(golden["audio_feat.in.seq_len"]),
+              "train_a": golden["audio_feat_train.in.a"], "prev_train_a": golden["audio_feat_train.in.prev_a"],
+              "train_frames": tiny.config.seq_len, "window": tiny.config.window}
+    assert_within_fp32_noise(_audio_features, tiny.audio_encoder, tiny64.audio_encoder, inputs,
+                             {k: golden[k] for k in AUDIO_FEATURE_GOLDENS})
 
 
 def test_emotion(tiny, golden):
@@ -212,59 +227,127 @@ def test_emotion(tiny, golden):
 
 
 # ---- motion auto-encoder ----------------------------------------------------------------------
+# The decoder's last flow warp amplifies rounding ~1e4-fold, so its outputs are compared within
+# their measured float32 noise (see parity_helpers); the encoder is well conditioned.
 
-@pytest.fixture(scope="module")
-def encoded(tiny, golden):
-    with reference_threads():
-        return tiny.motion_autoencoder.encode(golden["enc.in.img"])
-
-
-def test_motion_encoder(tiny, golden, encoded):
-    s_r, coeffs, feats = encoded
+def test_motion_encoder(tiny, golden):
+    mae = tiny.motion_autoencoder
+    s_r, coeffs, feats = mae.encode(golden["enc.in.img"])
     assert_close(s_r, golden["enc.out.s_r"], "s_r")
     assert_close(coeffs, golden["enc.out.lambda"], "lambda")
-    assert_close(tiny.motion_autoencoder.motion_of(s_r), golden["enc.out.r_s"], "r_s")
-    assert_close(tiny.motion_autoencoder.dec.direction.basis(), golden["enc.direction_Q"], "direction Q")
+    assert_close(mae.motion_of(s_r), golden["enc.out.r_s"], "r_s")
+    assert_close(mae.dec.direction.basis(), golden["enc.direction_Q"], "direction Q")
     assert len(feats) == 5
     for j, feat in enumerate(feats):
         key = f"enc.out.feats.{j}"
         assert_close(strided(key, feat), golden[key], key)
 
 
-def test_motion_decoder(tiny, golden, encoded):
-    img, flow = tiny.motion_autoencoder.decode(golden["dec.in.latent"], encoded[2])
-    assert_close(strided("dec.out.img", img), golden["dec.out.img"], "decoded image")
-    assert_close(flow, golden["dec.out.flow"], "64 px sampling grid")
+DECODER_GOLDENS = ("dec.out.img", "dec.out.flow")
 
 
-def test_decode_motion_sequence(tiny, golden, encoded):
-    s_r, _, feats = encoded
-    video = tiny.decode(s_r[:1], [f[:1] for f in feats], golden["dec_seq.in.r_d"])
-    assert video.shape == (1, 3, 3, 128, 128)  # batch kept (the public code squeezed it away)
-    assert_close(strided("dec_seq.out", video[0]), golden["dec_seq.out"], "dec_seq")
+def _decoded(mae, i):
+    _, _, feats = mae.encode(i["img"])
+    img, grid = mae.decode(i["latent"], feats)
+    return {"dec.out.img": strided("dec.out.img", img), "dec.out.flow": grid}
 
 
-def test_reenactment_forward(tiny, golden):
-    out = tiny.motion_autoencoder(golden["enc.in.img"][:1], golden["gen_fwd.in.img_drive"])
-    assert_close(strided("gen_fwd.out.d_hat", out["d_hat"]), golden["gen_fwd.out.d_hat"], "d_hat")
-    assert_close(out["flow"], golden["gen_fwd.out.flow"], "flow")
+def _check_decoder(golden, mae32, mae64):
+    inputs = {"img": golden["enc.in.img"], "latent": golden["dec.in.latent"]}
+    assert_within_fp32_noise(_decoded, mae32, mae64, inputs, {k: golden[k] for k in DECODER_GOLDENS})
+
+
+def test_motion_decoder(tiny, tiny64, golden):
+    _check_decoder(golden, tiny.motion_autoencoder, tiny64.motion_autoencoder)
+
+
+def _sequence(model, i):
+    s_r, _, feats = model.motion_autoencoder.encode(i["img"])
+    video = model.decode(s_r, feats, i["r_d"])
+    return {"video": video, "dec_seq.out": strided("dec_seq.out", video[0])}
+
+
+def test_decode_motion_sequence(tiny, tiny64, golden):
+    inputs = {"img": golden["enc.in.img"][:1], "r_d": golden["dec_seq.in.r_d"]}
+    ours = assert_within_fp32_noise(_sequence, tiny, tiny64, inputs, {"dec_seq.out": golden["dec_seq.out"]})
+    assert ours["video"].shape == (1, 3, 3, 128, 128)  # batch kept (the public code squeezed it away)
+
+
+def _reenacted(mae, i):
+    out = mae(i["source"], i["drive"])
+    return {"gen_fwd.out.d_hat": strided("gen_fwd.out.d_hat", out["d_hat"]), "gen_fwd.out.flow": out["flow"]}
+
+
+def test_reenactment_forward(tiny, tiny64, golden):
+    inputs = {"source": golden["enc.in.img"][:1], "drive": golden["gen_fwd.in.img_drive"]}
+    goldens = {k: golden[k] for k in ("gen_fwd.out.d_hat", "gen_fwd.out.flow")}
+    assert_within_fp32_noise(_reenacted, tiny.motion_autoencoder, tiny64.motion_autoencoder, inputs, goldens)
+
+
+# ---- negative controls: the float32-noise check rejects small real defects --------------------
+
+class SlopeLeakyReLU(nn.Module):
+    """A FusedLeakyReLU with another negative slope (the release uses 0.2)."""
+
+    def __init__(self, act: nn.Module, slope: float):
+        super().__init__()
+        self.bias, self.slope = act.bias, slope
+
+    def forward(self, x):
+        return F.leaky_relu(x + self.bias, self.slope) * SQRT2
+
+
+class BiasBeforeActivation(ToRGB):
+    """ToRGB adding its bias before the leaky ReLU (the release adds it after)."""
+
+    def forward(self, x, skip=None):
+        conv, act = self.conv
+        out = act(conv(x) + self.bias)
+        return out if skip is None else out + self.upsample(skip)
+
+
+def _scale_rgb_conv(mae):
+    with torch.no_grad():
+        mae.dec.to_rgbs[2].conv[0].weight.mul_(1.01)
+
+
+def _torch_default_slope(mae):
+    styled = mae.dec.convs[7]  # the second 64 px StyledConv
+    styled.activate = SlopeLeakyReLU(styled.activate, 0.01)
+
+
+def _swap_bias_and_activation(mae):
+    old = mae.dec.to_rgbs[-1]
+    new = BiasBeforeActivation(old.conv[0].weight.shape[1])
+    new.load_state_dict(old.state_dict())
+    mae.dec.to_rgbs[-1] = new
+
+
+DEFECTS = {"32 px RGB conv weight x1.01": _scale_rgb_conv, "64 px leaky ReLU slope 0.01": _torch_default_slope,
+           "last ToRGB bias before activation": _swap_bias_and_activation}
+
+
+@pytest.mark.parametrize("defect", DEFECTS.values(), ids=DEFECTS)
+def test_decoder_check_rejects_a_small_defect(tiny, golden, defect):
+    broken = copy.deepcopy(tiny.motion_autoencoder)
+    defect(broken)
+    with pytest.raises(AssertionError, match="dec.out.img: golden vs our float64"):
+        _check_decoder(golden, broken, copy.deepcopy(broken).double())
 
 
 # ---- end to end and tables --------------------------------------------------------------------
 
-def test_end_to_end_inference(tiny, golden):
-    i = case_inputs(golden, "e2e")
-    out = tiny.inference(i["img"], i["audio"], audio_features=i["feats"], nfe=REFERENCE_NFE, seed=int(i["seed"]),
-                         repeat_window_noise=True)
-    assert_close(out["r_s"], golden["e2e.r_s"], "r_s")
-    assert_close(out["motion"], golden["e2e.sample"], "motion")
-    assert out["video"].shape == (1, 13, 3, 128, 128)
-    # Rendering the reference motion is exact (first and last frame checked); on our motion
-    # (equal to ~1e-6) the flow warps amplify the difference ~1e4-fold, hence the looser bound.
-    s_r, _, feats = tiny.encode_image(i["img"])
-    ends = tiny.decode(s_r, feats, golden["e2e.sample"][:, [0, -1]])[0]
-    assert_close(ends[..., ::2, ::2], golden["e2e.d_hat"][[0, -1]], "frames of the reference motion")
-    assert_close(strided("e2e.d_hat", out["video"][0]), golden["e2e.d_hat"], "video", atol=5e-2, rtol=0)
+def _inferred(model, i):
+    out = model.inference(i["img"], i["audio"], audio_features=i["feats"], nfe=REFERENCE_NFE, seed=int(i["seed"]),
+                          repeat_window_noise=True)
+    return {"video": out["video"], "e2e.r_s": out["r_s"], "e2e.sample": out["motion"],
+            "e2e.d_hat": strided("e2e.d_hat", out["video"][0])}
+
+
+def test_end_to_end_inference(tiny, tiny64, golden):
+    goldens = {k: golden[k] for k in ("e2e.r_s", "e2e.sample", "e2e.d_hat")}
+    ours = assert_within_fp32_noise(_inferred, tiny, tiny64, case_inputs(golden, "e2e"), goldens)
+    assert ours["video"].shape == (1, 13, 3, 128, 128)
 
 
 def test_position_mask_and_time_tables(tiny, golden):

@@ -59,7 +59,7 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tenso
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+                  for k in sorted(own.keys() & state.keys()) if own[k].shape != state[k].shape]
     if missing or unexpected or mismatched:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
