@@ -13,10 +13,11 @@ usage() {
 Usage: ./setup.sh [--wheels DIR | --download-wheels DIR | --print-stamp | --help]
 
   (no option)           create the virtual environment (python3 -m venv) if missing, install the
-                        pinned requirements.txt, install this repo editable (pip install -e . --no-deps),
+                        pinned requirements.txt and requirements-test.txt, install this repo editable
+                        (pip install -e . --no-deps),
                         install the WordNet data METEOR needs, create models/ data/ checkpoints/ logs/.
-                        A second run skips pip when requirements.txt, pyproject.toml and the Python
-                        version are unchanged (their hash is kept in \$VENV/.omniflow_setup_stamp).
+                        A second run skips pip when the requirements files, pyproject.toml, TORCH_INDEX_URL
+                        and the Python version are unchanged (their hash is kept in \$VENV/.omniflow_setup_stamp).
   --wheels DIR          the same, installing only from the wheel files in DIR (air-gapped node):
                         pip install --no-index --find-links DIR
   --download-wheels DIR on a connected machine: put wheels of every requirement, with all their
@@ -29,7 +30,9 @@ Usage: ./setup.sh [--wheels DIR | --download-wheels DIR | --print-stamp | --help
   --help                show this help.
 
 Environment: OMNIFLOW_VENV (default: .venv in the repo), PYTHON (interpreter that creates the venv,
-default python3). torch==2.14.1 from PyPI is a CUDA build on x86_64 Linux.
+default python3), TORCH_INDEX_URL (install the pinned torch/torchvision from this index first, e.g.
+https://download.pytorch.org/whl/cu126 for a driver older than CUDA 13, or .../whl/cpu; unset: PyPI,
+whose torch==2.14.1 on x86_64 Linux is a CUDA 13 build).
 EOF
 }
 
@@ -39,19 +42,29 @@ run() { echo "+ $*"; "$@"; }
 fingerprint() {
     {
         cat "$ROOT"/requirements*.txt "$ROOT/pyproject.toml"
+        echo "torch index: ${TORCH_INDEX_URL:-PyPI}"
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
     } | sha256sum | cut -d' ' -f1
 }
 
+torch_pins() { grep -E '^(torch|torchvision)==' "$ROOT/requirements.txt"; }
+
 download_wheels() {
-    local dir="$1"
+    local dir="$1" target=()
     if [[ -n "${WHEEL_PLATFORM:-}${WHEEL_PYTHON_VERSION:-}" ]]; then
-        local target=(--only-binary=:all:)
+        target=(--only-binary=:all:)
         [[ -n "${WHEEL_PLATFORM:-}" ]] && target+=(--platform "$WHEEL_PLATFORM")
         [[ -n "${WHEEL_PYTHON_VERSION:-}" ]] && target+=(--python-version "$WHEEL_PYTHON_VERSION")
-        run "$PYTHON" -m pip download "${target[@]}" -d "$dir" -r "$ROOT/requirements.txt" "setuptools>=64"
+    fi
+    if [[ -n "${TORCH_INDEX_URL:-}" ]]; then  # then the requirements below find torch in $dir
+        run "$PYTHON" -m pip download "${target[@]}" -d "$dir" --index-url "$TORCH_INDEX_URL" $(torch_pins)
+    fi
+    if [[ ${#target[@]} -gt 0 ]]; then
+        run "$PYTHON" -m pip download "${target[@]}" -d "$dir" --find-links "$dir" -r "$ROOT/requirements.txt" \
+            -r "$ROOT/requirements-test.txt" "setuptools>=64"
     else
-        run "$PYTHON" -m pip wheel -w "$dir" -r "$ROOT/requirements.txt" "setuptools>=64"
+        run "$PYTHON" -m pip wheel -w "$dir" --find-links "$dir" -r "$ROOT/requirements.txt" \
+            -r "$ROOT/requirements-test.txt" "setuptools>=64"
     fi
     run "$PYTHON" -m pip download --no-deps -d "$dir" -r "$ROOT/requirements-nodeps.txt"
     run "$PYTHON" -m pip download -d "$dir" -r "$ROOT/requirements-deepspeed.txt"
@@ -94,7 +107,10 @@ main() {
         local source=()
         [[ -n "$wheels" ]] && source=(--no-index --find-links "$wheels")
         say "installing requirements into $VENV"
-        run "$VENV/bin/python" -m pip install "${source[@]}" -r "$ROOT/requirements.txt"
+        if [[ -n "${TORCH_INDEX_URL:-}" && -z "$wheels" ]]; then
+            run "$VENV/bin/python" -m pip install --index-url "$TORCH_INDEX_URL" $(torch_pins)
+        fi
+        run "$VENV/bin/python" -m pip install "${source[@]}" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"
         run "$VENV/bin/python" -m pip install "${source[@]}" --no-deps -r "$ROOT/requirements-nodeps.txt"
         DS_BUILD_OPS=0 run "$VENV/bin/python" -m pip install "${source[@]}" --no-build-isolation \
             -r "$ROOT/requirements-deepspeed.txt"
@@ -102,6 +118,7 @@ main() {
         echo "$stamp" > "$STAMP"
     fi
     install_wordnet
+    command -v java >/dev/null || say "WARNING: no java on PATH: eval_text.py then prints labelled substitutes, not the COCO caption toolkit's numbers (apt-get install default-jre-headless)" >&2
     mkdir -p "$ROOT/models" "$ROOT/data" "$ROOT/checkpoints" "$ROOT/logs"
     say "done; activate with: source $VENV/bin/activate"
 }

@@ -1,11 +1,13 @@
-"""Score generated text against references: BLEU-4, ROUGE-L, METEOR, CIDEr-D.
+"""Score generated text against references with the COCO caption toolkit: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D
+(and sacreBLEU-4 as an extra column).
 
     python scripts/eval_text.py --predictions checkpoints/mlp_head/predictions.json \
-        checkpoints/refiner/predictions.json --metrics bleu rouge meteor cider --output_json results.json
+        checkpoints/refiner/predictions.json --by_task --output_json results.json
 
 Each predictions file is what ``generate_text.py`` writes: a JSON list of
 ``{"id", "task", "prediction", "references": [...]}``. Several files are printed side by side as one
-table (and per task with ``--by_task``). Without WordNet, METEOR shows as n/a with the fix.
+table (and per task with ``--by_task``, each task scored as its own corpus). The numbers are pycocoevalcap's
+(see omniflow.metrics.text); without Java on PATH the columns say which are substitutes, not COCO numbers.
 """
 import json
 from collections import defaultdict
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from omniflow.metrics.text import DEFAULT_METRICS, TEXT_METRICS, compute_text_metrics, format_comparison_table
+from omniflow.metrics.text import DEFAULT_METRICS, METRICS, Captions, evaluate, format_table
 from omniflow.runtime.errors import DataError, run_main
 from omniflow.runtime.options import parse_options
 
@@ -22,7 +24,7 @@ from omniflow.runtime.options import parse_options
 class EvalOptions:
     predictions: List[str] = field(default_factory=list, metadata={"help": "predictions.json file(s) to score"})
     metrics: List[str] = field(default_factory=lambda: list(DEFAULT_METRICS), metadata={
-        "help": "metrics to compute", "choices": list(TEXT_METRICS)})
+        "help": "metrics to compute", "choices": list(METRICS)})
     output_json: Optional[str] = field(default=None, metadata={"help": "write all scores to this JSON file"})
     by_task: bool = field(default=False, metadata={"help": "also score each task (text, image_to_text, ...) apart"})
 
@@ -43,9 +45,12 @@ def read_predictions(path: Path) -> list[dict]:
     return records
 
 
-def score(records: list[dict], metrics: list[str]) -> dict:
-    return compute_text_metrics([r["prediction"] for r in records], [r["references"] for r in records], metrics,
-                                sample_ids=[r["id"] for r in records])
+def captions(records: list[dict]) -> Captions:
+    return Captions([r["prediction"] for r in records], [r["references"] for r in records], [r["id"] for r in records])
+
+
+def task_of(record: dict) -> str:
+    return record.get("task") or "unknown"
 
 
 def column_names(paths: list[Path]) -> list[str]:
@@ -59,23 +64,28 @@ def main():
     if not opts.predictions:
         raise DataError("give at least one file with --predictions")
     paths = [Path(p) for p in opts.predictions]
-    results, per_task = {}, defaultdict(dict)
+    groups = {}  # (file column, task or None for all) -> its records, scored as one corpus
     for name, path in zip(column_names(paths), paths):
         records = read_predictions(path)
-        results[name] = {**score(records, opts.metrics), "samples": len(records)}
+        groups[name, None] = records
         if opts.by_task:
-            tasks = defaultdict(list)
-            for record in records:
-                tasks[record.get("task", "unknown")].append(record)
-            for task, subset in sorted(tasks.items()):
-                per_task[task][name] = {**score(subset, opts.metrics), "samples": len(subset)}
-    print(format_comparison_table(results))
+            for record in sorted(records, key=task_of):
+                groups.setdefault((name, task_of(record)), []).append(record)
+    # one evaluation for all files and tasks: the captions are tokenized in one go and METEOR's JVM starts once
+    evaluation = evaluate([captions(records) for records in groups.values()], opts.metrics)
+    results, per_task = {}, defaultdict(dict)
+    for ((name, task), records), scores in zip(groups.items(), evaluation.scores):
+        (results if task is None else per_task[task])[name] = {**scores, "samples": len(records)}
+    print(format_table(results, evaluation.labels))
     for task, table in per_task.items():
-        print(f"\n{task}:\n{format_comparison_table(table)}")
+        print(f"\n{task}:\n{format_table(table, evaluation.labels)}")
+    if evaluation.notes:
+        print("\n" + "\n".join(evaluation.notes))
     if opts.output_json:
         out = Path(opts.output_json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"overall": results, "by_task": per_task}, indent=2) + "\n")
+        out.write_text(json.dumps({"overall": results, "by_task": per_task, "labels": evaluation.labels,
+                                   "coco_toolkit": evaluation.coco_toolkit}, indent=2) + "\n")
         print(f"\nscores written to {out}")
 
 

@@ -20,8 +20,8 @@ def run_setup(project, *args, **env):
 
 @pytest.fixture
 def project(tmp_path):
-    for name in ("setup.sh", "requirements.txt", "requirements-nodeps.txt", "requirements-deepspeed.txt",
-                 "pyproject.toml"):
+    for name in ("setup.sh", "requirements.txt", "requirements-test.txt", "requirements-nodeps.txt",
+                 "requirements-deepspeed.txt", "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path / name)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
     return tmp_path
@@ -55,9 +55,41 @@ def test_second_run_with_current_stamp_skips_pip(project):
     assert f"-m pip install --no-index --find-links {project} -r {project}/requirements.txt" in stale.stdout
 
 
+def test_a_torch_index_installs_the_pinned_torch_first_and_counts_in_the_stamp(project):
+    venv = project / "venv"
+    index = "https://download.pytorch.org/whl/cu126"
+    plain = run_setup(project, "--print-stamp", OMNIFLOW_VENV=str(venv)).stdout
+    assert run_setup(project, "--print-stamp", OMNIFLOW_VENV=str(venv), TORCH_INDEX_URL=index).stdout != plain
+    result = run_setup(project, OMNIFLOW_VENV=str(venv), TORCH_INDEX_URL=index)
+    assert result.returncode != 0  # the bare venv has no pip; the command it ran is what matters
+    assert f"-m pip install --index-url {index} torch==2.14.1 torchvision==0.29.1" in result.stdout
+
+
 def test_download_wheels_targets_another_platform(project):
     result = run_setup(project, "--download-wheels", str(project / "wheels"), PYTHON=str(project / "venv/bin/python"),
                        WHEEL_PLATFORM="manylinux_2_28_x86_64", WHEEL_PYTHON_VERSION="3.11")
     assert result.returncode != 0  # the bare venv has no pip; the command it ran is what matters
     assert ("-m pip download --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version 3.11 "
-            f"-d {project}/wheels -r {project}/requirements.txt setuptools>=64") in result.stdout
+            f"-d {project}/wheels --find-links {project}/wheels -r {project}/requirements.txt "
+            f"-r {project}/requirements-test.txt setuptools>=64") in result.stdout
+
+
+def test_pyproject_declares_what_requirements_pin():
+    """``pip install -e .`` gets the runtime packages (ranges holding the tested pins); test tools are an extra."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
+
+    def pins(name: str) -> dict[str, str]:
+        lines = [l.strip() for l in (ROOT / name).read_text().splitlines() if l.strip() and not l.startswith("#")]
+        return dict(l.lower().split("==") for l in lines)
+
+    runtime, tests = pins("requirements.txt"), pins("requirements-test.txt")
+    assert set(declared) == set(runtime)
+    assert all(declared[name].specifier.contains(version) for name, version in runtime.items())
+    extra = {Requirement(r).name.lower(): Requirement(r) for r in project["optional-dependencies"]["test"]}
+    assert set(extra) == set(tests) and not set(tests) & set(runtime)
+    assert all(extra[name].specifier.contains(version) for name, version in tests.items())

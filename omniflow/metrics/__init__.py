@@ -1,1 +1,2 @@
-"""Metrics: text (BLEU, ROUGE-L, METEOR, CIDEr) and image (PSNR, SSIM, LPIPS, FID)."""
+"""Metrics: text (the COCO caption toolkit's BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; sacreBLEU) and image (PSNR, SSIM,
+LPIPS, FID)."""
