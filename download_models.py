@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Download pretrained models from the Hugging Face Hub into models/.",
         epilog=f"Known models (default: those marked [{DEFAULT_GROUP}]):\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
                         help="model names from the list below, Hub repo ids, or 'all'")

@@ -99,7 +99,7 @@ def rows(pipeline: AlignPipeline, images: ImageFolderDataset, cache: Path, args,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--tiny", action="store_true", help="the tiny test setting (default without CUDA)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_images", type=int, default=64)

@@ -115,7 +115,7 @@ def bench_generation(config: FloatConfig, preset: str, seconds_of_audio: float, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     cuda = torch.cuda.is_available()
     parser.add_argument("--config", default="release" if cuda else "tiny", choices=["release", "small", "tiny"],
                         help="FLOAT size preset (default: release on CUDA, tiny on CPU)")

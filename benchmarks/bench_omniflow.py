@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--full_config_dir", type=Path, default=REPO / "configs" / "omniflow_v05",
                         help="release-sized configs (transformer.json, text_vae.json, flan_t5_large_encoder.json)")
     parser.add_argument("--tiny_config_dir", type=Path, default=REPO / "configs" / "omniflow_tiny",

@@ -40,7 +40,7 @@ CONFIGS = {  # name -> (config folder, T5 encoder config file)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 16, 32], help="batch sizes to time")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per batch size")

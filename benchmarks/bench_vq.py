@@ -126,7 +126,8 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: the CPU variant even with a GPU")
     parser.add_argument("--config", help="param.json (default: configs/vq/vqgan_f16.json; CPU: its tiny variant)")
     parser.add_argument("--image_size", type=int, help="default 256 (CPU: 32)")

@@ -30,6 +30,7 @@ from omniflow.models.vq import VQConfigError, VQTokenizer, load_vq_model
 from omniflow.models.vq.codes import CodesFileError, load_codes, save_codes
 from omniflow.runtime.errors import CheckpointError, ConfigError, DataError, run_main
 from omniflow.runtime.options import parse_options
+from omniflow.runtime.tracking import progress
 
 
 @dataclass
@@ -82,7 +83,7 @@ def encode_frames(model: VQTokenizer, frames: Iterable[np.ndarray], batch_size: 
     """Code indices per level, each (frames, h_l, w_l) int64."""
     device = model.get_last_layer().device
     levels: list[list[np.ndarray]] = []
-    for batch in _batches(frames, batch_size):
+    for batch in progress(_batches(frames, batch_size), desc="encode", unit="batch"):
         indices = model.encode(frames_to_model_input(torch.from_numpy(batch)[None].to(device))).indices
         indices = indices if isinstance(indices, tuple) else (indices,)
         levels = levels or [[] for _ in indices]
@@ -97,7 +98,7 @@ def encode_frames(model: VQTokenizer, frames: Iterable[np.ndarray], batch_size: 
 def decode_frames(model: VQTokenizer, levels: list[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
     """Reconstructed uint8 (h, w, 3) frames from per-level code indices."""
     device = model.get_last_layer().device
-    for start in range(0, len(levels[0]), batch_size):
+    for start in progress(range(0, len(levels[0]), batch_size), desc="decode", unit="batch"):
         indices = tuple(torch.from_numpy(level[start:start + batch_size]).to(device) for level in levels)
         images = model.decode_indices(indices if len(indices) > 1 else indices[0])
         yield from model_output_to_uint8(images).cpu().numpy()

@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--input", type=Path, required=True,
                         help="a transformer/ folder, an OmniFlow folder containing transformer/, or a .bin file")
     parser.add_argument("--output_dir", type=Path, required=True, help="folder for the safetensors shards")

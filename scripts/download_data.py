@@ -192,7 +192,8 @@ def download_source(source: Source, args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Download the text job's datasets into data/<dataset>/<split>.jsonl.")
+    parser = argparse.ArgumentParser(description="Download the text job's datasets into data/<dataset>/<split>.jsonl.",
+                                     allow_abbrev=False)
     for key, source in SOURCES.items():
         parser.add_argument(f"--{key}", action="store_true", help=f"{source.repo_id} ({source.task})")
     parser.add_argument("--streaming", action="store_true", help="stream rows instead of downloading whole splits")

@@ -88,12 +88,13 @@ def evaluate(opts: EvalOptions) -> dict:
     dataset = build_image_dataset(opts.eval_data_dir, opts.dataset_type, resolution)
     loader = DataLoader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers)
     lpips = build_lpips(opts.lpips_net, opts.lpips_weights, input_range=(0.0, 1.0)).to(device)
-    latents = LatentMetrics(pipeline.target_vae.config.latent_channels, device)
+    latents = LatentMetrics(pipeline.target_vae.config.latent_channels, device, pipeline.loss_type,
+                            pipeline.loss_weight)
     pairs = {name: ImagePairMetrics(lpips) for name in PAIRS}
     roles = {"target": f"{pipeline.target_key}_reconstruction", "source": f"{pipeline.source_key}_reconstruction"}
     for batch in loader:
         views, pred, target = alignment_views(pipeline, batch["image"])
-        latents.update(pred, target, pipeline.loss(pred, target))
+        latents.update(pred, target)
         for name, (a, b) in PAIRS.items():
             pairs[name].update(views[roles.get(a, a)], views[roles.get(b, b)])
         logger.info("evaluated %d/%d images", pairs["aligned_vs_original"].count, len(dataset))

@@ -33,8 +33,9 @@ from omniflow.models.float import (EMOTION_LABELS, FLOAT, FloatConfig, FloatMoti
                                    WaveformNormalizer, read_release_checkpoint)
 from omniflow.models.float.cli import PresetOptions, is_export_folder, resolve_release_checkpoint
 from omniflow.runtime.errors import ConfigError, DataError, run_main
-from omniflow.runtime.export import load_export
+from omniflow.runtime.export import CONFIG_NAME, load_export
 from omniflow.runtime.options import parse_options
+from omniflow.runtime.paths import resolve_recorded
 from omniflow.runtime.tracking import setup_logging
 
 logger = logging.getLogger("omniflow")
@@ -106,7 +107,9 @@ def load_model(opts: GenerateOptions, preset: str) -> FLOAT:
     if not opts.motion_autoencoder:
         raise ConfigError(f"{opts.ckpt_path} holds the FMT and the audio projection only: give --motion_autoencoder "
                           f"(the released float.pth)")
-    config = overridden(FloatConfig.from_dict(values["float"]), opts)
+    recorded = {name: resolve_recorded(values["float"][name], Path(opts.ckpt_path) / CONFIG_NAME)
+                for name in ("wav2vec_model_path", "audio2emotion_path")}
+    config = overridden(FloatConfig.from_dict({**values["float"], **recorded}), opts)
     # export keys are released names: with the motion auto-encoder they form a released-layout dict
     return FLOAT.from_release({**motion_state(opts.motion_autoencoder, config), **state}, config)
 

@@ -23,7 +23,7 @@ from omniflow.data import ResumableLoader
 from omniflow.data.text import build_eval_datasets, collate_examples, load_data_config
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.options import parse_options
-from omniflow.runtime.tracking import setup_logging
+from omniflow.runtime.tracking import progress, setup_logging
 from omniflow.text_job.checkpoints import load_head_for, resolve_head_checkpoint
 from omniflow.text_job.model import TextJobModel
 
@@ -102,7 +102,9 @@ def main():
     for k, (name, dataset) in enumerate(sets.items()):
         loader = ResumableLoader(dataset, opts.batch_size, collate_fn=collate_examples, shuffle=False,
                                  drop_last=False)
-        for index, batch in enumerate(loader):
+        batches = progress(loader, total=None if loader.iterable else len(loader), desc=f"generate {name}",
+                           unit="batch")
+        for index, batch in enumerate(batches):
             generator = torch.Generator().manual_seed(opts.seed + 10_000 * k + index)
             texts = job.generate(batch, stack, guidance_scale=opts.guidance_scale, strength=opts.strength,
                                  generator=generator, num_inference_steps=opts.num_inference_steps,

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     common = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--tasks", required=True, help="JSON mapping param.json paths to GPU(s) or \"cpu\"")
     parser.add_argument("--log_dir", default="outputs/multitask", help="per-task logs go here (default: %(default)s)")
     parser.add_argument("--dry_run", action="store_true", help="print each task's environment and command, run nothing")

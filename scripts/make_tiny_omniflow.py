@@ -18,7 +18,7 @@ from omniflow.models.omniflow.tiny import TINY_CONFIG_DIR, WEIGHT_FORMATS, make_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--output_dir", type=Path, required=True, help="where OmniFlow-tiny/ and models/ are written")
     parser.add_argument("--config_dir", type=Path, default=TINY_CONFIG_DIR, help="folder of the tiny *.json configs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")

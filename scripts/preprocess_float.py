@@ -29,6 +29,7 @@ from omniflow.models.float import (EMOTION_LABELS, AudioEncoder, EmotionEncoder,
 from omniflow.models.float.audio import frames_for_samples
 from omniflow.models.float.cli import PresetOptions, load_motion_autoencoder, parse_float_options
 from omniflow.runtime.errors import ConfigError, DataError, run_main
+from omniflow.runtime.paths import path_to_record
 from omniflow.runtime.tracking import setup_logging
 
 logger = logging.getLogger("omniflow")
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> Path:
     settings = {"fps": config.fps, "sampling_rate": config.sampling_rate, "input_size": config.input_size,
                 "dim_w": config.dim_w, "audio_feature_dim": config.audio_feature_dim,
                 "only_last_features": config.only_last_features, "emotion_labels": list(EMOTION_LABELS),
-                "motion_autoencoder": opts.motion_autoencoder, "wav2vec_model_path": config.wav2vec_model_path,
-                "audio2emotion_path": config.audio2emotion_path, "face_crop": False}
+                "motion_autoencoder": path_to_record(opts.motion_autoencoder),  # absolute: readable from anywhere
+                "wav2vec_model_path": path_to_record(config.wav2vec_model_path),
+                "audio2emotion_path": path_to_record(config.audio2emotion_path), "face_crop": False}
     manifest = write_manifest(out, settings, clips, skipped)
     logger.info("%d clip(s) written, %d skipped; manifest %s", len(clips), len(skipped), manifest)
     return manifest

@@ -9,13 +9,15 @@ trainable ``AlignModule`` that maps one VAE's latent (and/or the image) into the
 space (``--direction``). ``--cache_latents`` encodes every image with both VAEs once (on the main
 process, the others wait) and trains from the stored latents, so epochs skip the VAE encoders.
 
-The seed's flag names and how they map onto the runtime (``TrainingOptions``):
+The seed's flag names and how they map onto the runtime (``TrainingOptions``): the first four are
+other spellings of the runtime's options, on the command line and as config-file keys.
 
-    --save_dir DIR          sets --output_dir (checkpoints, exports, metrics.jsonl, config.json)
-    --log_dir DIR           sets --logging_dir (TensorBoard; relative to the output dir unless absolute)
-    --precision P           bf16|fp16|float32 (also bfloat16|float16) sets --mixed_precision bf16|fp16|no;
-                            the frozen VAEs run in that dtype, the module trains in float32 under autocast
-    --num_workers N         sets --dataloader_num_workers
+    --save_dir DIR          = --output_dir (checkpoints, exports, metrics.jsonl, config.json)
+    --log_dir DIR           = --logging_dir (TensorBoard; relative to the output dir unless absolute)
+    --precision P           = --mixed_precision bf16|fp16|no, which also takes float32 (= no), bfloat16
+                            and float16; the frozen VAEs run in that dtype, the module trains in float32
+                            under autocast
+    --num_workers N         = --dataloader_num_workers
     --epochs N              training length, unless --max_train_steps is set
     --save_frequency E      sets --checkpointing_steps to E epochs of optimizer steps
     --eval_frequency E      evaluate every E epochs (and at the start); 0: never
@@ -26,7 +28,7 @@ The seed's flag names and how they map onto the runtime (``TrainingOptions``):
     --load_config FILE      JSON of option values (also --config); flags on the command line override it
     --config_save_path FILE also write the resolved options there (the run always writes config.json)
 
-Seed names win over the runtime names they set when both are given. Outputs in the output dir:
+Flags on the command line beat the config file whichever spelling either uses. Outputs in the output dir:
 ``checkpoint-<step>/`` (resume with ``--resume_from_checkpoint latest|PATH``), ``final/`` and
 ``best/`` (lowest eval loss): the exported module, ``model.safetensors`` + ``config.json`` naming
 the VAEs, loadable by ``omniflow.models.align.load_aligned_pipeline`` and ``scripts/eval_align.py``;
@@ -59,7 +61,10 @@ from omniflow.runtime.run import TrainingOptions, TrainingRun, optimizer_steps
 
 logger = logging.getLogger("omniflow")
 
-PRECISIONS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "float32": "no"}
+# the seed's names of runtime options, and the seed's spellings of --mixed_precision values
+SEED_NAMES = {"output_dir": ["--save_dir"], "logging_dir": ["--log_dir"], "mixed_precision": ["--precision"],
+              "dataloader_num_workers": ["--num_workers"]}
+PRECISIONS = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass
@@ -89,7 +94,6 @@ class AlignOptions:
     resolution: int = field(default=512, metadata={"help": "images are resized and center-cropped to this square"})
     train_batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
     eval_batch_size: int = field(default=8, metadata={"help": "eval (and latent caching) batch size per process"})
-    num_workers: Optional[int] = field(default=None, metadata={"help": "sets --dataloader_num_workers"})
     cache_latents: bool = field(default=False, metadata={
         "help": "encode the images with both VAEs once and train from the stored latents"})
     latent_cache_dir: Optional[str] = field(default=None, metadata={
@@ -98,8 +102,6 @@ class AlignOptions:
     epochs: int = field(default=200, metadata={"help": "epochs to train unless --max_train_steps is set"})
     warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up, in optimizer steps"})
     device: str = field(default="auto", metadata={"help": "auto, or force cpu / cuda", "choices": ["auto", "cpu", "cuda"]})
-    precision: Optional[str] = field(default=None, metadata={
-        "help": "sets --mixed_precision (float32 = no)", "choices": list(PRECISIONS)})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     scheduler_step_size: int = field(default=50, metadata={"help": "StepLR period, in epochs"})
@@ -107,8 +109,6 @@ class AlignOptions:
     loss_type: str = field(default="mse", metadata={"help": "latent-space loss", "choices": list(LOSS_TYPES)})
     loss_weight: float = field(default=1.0, metadata={"help": "factor on the loss"})
     # logging, checkpoints, visualisation, config files
-    save_dir: Optional[str] = field(default=None, metadata={"help": "sets --output_dir"})
-    log_dir: Optional[str] = field(default=None, metadata={"help": "sets --logging_dir"})
     eval_frequency: int = field(default=1, metadata={"help": "epochs between evaluations (0: never)"})
     save_frequency: Optional[int] = field(default=None, metadata={
         "help": "epochs between checkpoints; sets --checkpointing_steps"})
@@ -123,26 +123,20 @@ class AlignOptions:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_frequency", "visualize_frequency", "num_visualize_samples"):
+        for name in ("warmup_steps", "eval_frequency", "visualize_frequency", "num_visualize_samples", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.save_frequency is not None and self.save_frequency < 1:
             raise ConfigError(f"--save_frequency must be >= 1, got {self.save_frequency}")
-        if self.scheduler_gamma <= 0:
-            raise ConfigError(f"--scheduler_gamma must be > 0, got {self.scheduler_gamma}")
+        for name in ("learning_rate", "scheduler_gamma"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
 
 
-def apply_seed_names(opts: AlignOptions, train_opts: TrainingOptions) -> None:
-    """Copy the seed's names into the runtime's options and clear them, so that a saved config
-    holds each value once (under the runtime's name) and reloads without conflicts."""
-    renames = {"save_dir": "output_dir", "log_dir": "logging_dir", "num_workers": "dataloader_num_workers"}
-    for seed_name, runtime_name in renames.items():
-        if getattr(opts, seed_name) is not None:
-            setattr(train_opts, runtime_name, getattr(opts, seed_name))
-            setattr(opts, seed_name, None)
-    if opts.precision is not None:
-        train_opts.mixed_precision = PRECISIONS[opts.precision]
-        opts.precision = None
+def parse_args(args: list[str] | None = None) -> tuple[AlignOptions, TrainingOptions]:
+    return parse_options(AlignOptions, TrainingOptions, args=args, config_flags=("--load_config", "--config"),
+                         aliases=SEED_NAMES, synonyms={"mixed_precision": PRECISIONS},
+                         description="Train the VAE latent alignment module.")
 
 
 def select_device(device: str) -> None:
@@ -224,17 +218,17 @@ class AlignTrainer:
         self.run, self.pipeline, self.opts = run, pipeline, opts
         self.eval_loader, self.cached, self.visual_source = eval_loader, cached, visual_source
         self.best = BestEval()
-        run.accelerator.register_for_checkpointing(self.best)
+        run.register_state("best_eval", self.best)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Eval loss, latent MSE/cosine and channel statistics over the eval set (all ranks)."""
+        """Eval loss, latent MSE/cosine and channel statistics over the eval set, each image once on one rank."""
         acc, pipeline = self.run.accelerator, self.pipeline
         pipeline.module.eval()
-        metrics = LatentMetrics(pipeline.target_vae.config.latent_channels, self.run.device)
+        metrics = LatentMetrics(pipeline.target_vae.config.latent_channels, self.run.device, pipeline.loss_type,
+                                pipeline.loss_weight)
         for batch in self.eval_loader:
-            pred, target = predict_batch(pipeline, send_to_device(batch, self.run.device), self.cached)
-            metrics.update(pred, target, pipeline.loss(pred, target))
+            metrics.update(*predict_batch(pipeline, send_to_device(batch, self.run.device), self.cached))
         pipeline.module.train()
         stats = metrics.compute(lambda t: acc.reduce(t, reduction="sum"))
         headline = {"eval/loss": stats["loss"], "eval/latent_mse": stats["latent_mse"],
@@ -268,14 +262,10 @@ class AlignTrainer:
 
 
 def main() -> None:
-    opts, train_opts = parse_options(AlignOptions, TrainingOptions, config_flags=("--load_config", "--config"),
-                                     description="Train the VAE latent alignment module.")
-    apply_seed_names(opts, train_opts)
+    opts, train_opts = parse_args()
     select_device(opts.device)
     run = TrainingRun(train_opts, opts, micro_batch_size=opts.train_batch_size)
     acc = run.accelerator
-    if opts.config_save_path and run.is_main:
-        save_config(opts.config_save_path, opts, train_opts)
 
     torch.manual_seed(train_opts.seed)  # identical initial module weights on every rank
     with frozen_init_context(acc):
@@ -304,22 +294,20 @@ def main() -> None:
         opts.warmup_steps, opts.scheduler_step_size * steps_per_epoch, opts.scheduler_gamma))
     pipeline.module, optimizer, scheduler = run.prepare(pipeline.module, optimizer, scheduler)
     trainer = AlignTrainer(run, pipeline, opts, eval_loader, opts.cache_latents, visual_source)
-    run.resume(loader)
+    run.start(loader)
+    if opts.config_save_path and run.is_main:
+        save_config(opts.config_save_path, opts, train_opts)
 
-    # At the start, and at a resume step whose checkpoint was saved just before its eval ran.
-    if eval_every and run.step % eval_every == 0:
+    if eval_every and run.step == 0:  # the untrained module's baseline
         trainer.evaluate()
-    if visualize_every and run.step % visualize_every == 0:
+    if visualize_every and run.step == 0:
         trainer.visualize()
-    clip = train_opts.max_grad_norm or math.inf  # an infinite clip still returns the norm for logging
     for batch in run.batches(loader, max_steps):
         with run.accumulate(pipeline.module):
             pred, target = predict_batch(pipeline, batch, opts.cache_latents)
             loss = pipeline.loss(pred, target)
-            grad_norm = run.backward_and_step(loss, pipeline.module, optimizer, scheduler, max_grad_norm=clip)
-        # end_step averages terms over micro-batches, the norm exists once per optimizer step
-        norm = None if grad_norm is None or not math.isfinite(grad_norm) else float(grad_norm) * accumulation
-        run.end_step({"loss": loss}, samples=len(target), grad_norm=norm)
+            run.backward_and_step(loss, pipeline.module, optimizer, scheduler)
+        run.end_step({"loss": loss}, samples=len(target))
         if run.at_interval(eval_every):
             trainer.evaluate()
         if run.at_interval(visualize_every):

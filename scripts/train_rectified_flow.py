@@ -26,10 +26,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import Subset
 from transformers import get_scheduler
 
 from omniflow.data import ResumableLoader
-from omniflow.data.float_shards import FloatWindowDataset
+from omniflow.data.float_shards import MANIFEST_NAME, FloatWindowDataset
 from omniflow.flow import ConditionDropout, RectifiedFlow
 from omniflow.models.float import FloatConfig, FloatMotionGenerator
 from omniflow.models.float.generator import TRAINED_GROUPS
@@ -37,6 +38,8 @@ from omniflow.models.float.cli import (PresetOptions, load_motion_autoencoder, p
                                        resolve_release_checkpoint)
 from omniflow.runtime.errors import ConfigError, DataError, run_main
 from omniflow.runtime.export import export_weights
+from omniflow.runtime.noise import sample_generators
+from omniflow.runtime.paths import resolve_recorded
 from omniflow.runtime.run import TrainingOptions, TrainingRun, optimizer_steps
 
 logger = logging.getLogger("omniflow")
@@ -78,7 +81,8 @@ class FloatTrainOptions:
     use_ema: bool = field(default=True, metadata={"help": "keep an EMA of the trained weights (exported, validated)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (warmed up as (1+n)/(10+n))"})
     eval_interval: int = field(default=500, metadata={"help": "validate every N optimizer steps"})
-    max_val_batches: Optional[int] = field(default=None, metadata={"help": "cap on validation batches per process"})
+    max_val_batches: Optional[int] = field(default=None, metadata={
+        "help": "validate on the first N x --batch_size windows only (the same ones for any number of processes)"})
     early_stopping_patience: int = field(default=0, metadata={
         "help": "stop after N validations without improvement (0: never)"})
     early_stopping_min_delta: float = field(default=0.0, metadata={
@@ -96,6 +100,8 @@ class FloatTrainOptions:
         for name in ("batch_size", "num_epochs", "eval_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_val_batches is not None and self.max_val_batches < 1:
+            raise ConfigError(f"--max_val_batches must be >= 1, got {self.max_val_batches}")
         if self.learning_rate < 0 or self.lr_min < 0:
             raise ConfigError("--learning_rate and --lr_min must be >= 0")
         if self.early_stopping_patience and not self.val_data_dir:
@@ -187,21 +193,20 @@ def ema_of(model: torch.nn.Module, decay: float) -> AveragedModel:
 
 
 @torch.no_grad()
-def validate(run: TrainingRun, model, loader: ResumableLoader, flow: RectifiedFlow, seed: int,
-             max_batches: Optional[int]) -> float:
-    """Mean loss of ``model`` over the validation windows: fixed noise and times, no condition dropout."""
+def validate(run: TrainingRun, model, loader: ResumableLoader, flow: RectifiedFlow, seed: int) -> float:
+    """Mean loss of ``model`` over the validation windows, each scored once on one rank, with no condition
+    dropout and its own noise and time (seeded by its index): the same number for any batch size and
+    process count, at every validation."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator(run.device).manual_seed(seed + run.accelerator.process_index)
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
     no_dropout = ConditionDropout({})
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = send_to_device(batch, run.device)
+    for indices, batch in loader.indexed():
+        batch, generators = send_to_device(batch, run.device), sample_generators(seed, indices, run.device)
         with run.accelerator.autocast():
-            loss = model(flow, no_dropout, batch, generator=generator)["loss"]
-        total += torch.tensor([loss.item() * len(batch["motion"]), len(batch["motion"])], device=run.device)
+            loss = model(flow, no_dropout, batch, generator=generators)["loss"]
+        # the loss is a mean over equally sized windows: x windows is their sum
+        total += torch.tensor([loss.item() * len(indices), len(indices)], device=run.device)
     model.train(was_training)
     total = run.accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp(min=1)).item()
@@ -267,8 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     train_set = FloatWindowDataset(opts.data_dir, config.num_prev_frames, config.window, seed=train_opts.seed)
     check_data(train_set, config, opts.data_dir)
     # generation must use the wav2vec2 models that made the training features
-    config.wav2vec_model_path = train_set.manifest["wav2vec_model_path"]
-    config.audio2emotion_path = train_set.manifest["audio2emotion_path"]
+    manifest = Path(opts.data_dir) / MANIFEST_NAME
+    config.wav2vec_model_path = resolve_recorded(train_set.manifest["wav2vec_model_path"], manifest)
+    config.audio2emotion_path = resolve_recorded(train_set.manifest["audio2emotion_path"], manifest)
     run = TrainingRun(train_opts, opts, preset, config, micro_batch_size=opts.batch_size)  # writes config.json
     acc = run.accelerator
     with torch.random.fork_rng(devices=[]):  # identical initial weights on every rank; rank RNGs untouched
@@ -282,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     if opts.val_data_dir:
         val_set = FloatWindowDataset(opts.val_data_dir, config.num_prev_frames, config.window, random_windows=False)
         check_data(val_set, config, opts.val_data_dir)
-        val_loader = ResumableLoader(val_set, opts.batch_size, shuffle=False, drop_last=False, rank=acc.process_index,
+        windows = val_set if opts.max_val_batches is None else Subset(
+            val_set, range(min(len(val_set), opts.max_val_batches * opts.batch_size)))
+        val_loader = ResumableLoader(windows, opts.batch_size, shuffle=False, drop_last=False, rank=acc.process_index,
                                      world_size=acc.num_processes)
     steps_per_epoch = optimizer_steps(len(loader), 1, train_opts.gradient_accumulation_steps)
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,
@@ -292,16 +300,16 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler)
     trained = acc.unwrap_model(model)
     if ema is not None:
-        acc.register_for_checkpointing(ema)
+        run.register_state("ema", ema)
     stopper = EarlyStopping(opts.early_stopping_patience, opts.early_stopping_min_delta)
-    acc.register_for_checkpointing(stopper)
+    run.register_state("early_stopping", stopper)
     exported = ema.module if ema is not None else model  # what validation, samples and exports use
     motion_source = opts.motion_autoencoder or opts.pretrained_float
     motion_ae = load_motion_autoencoder(motion_source, config).to(run.device) if motion_source and run.is_main else None
     sample_source = None
     if opts.sample_interval and run.is_main:
         sample_source = read_sample_source(val_set or train_set, opts.sample_frames or 2 * config.window)
-    run.resume(loader)
+    run.start(loader)
 
     flow = RectifiedFlow(opts.loss_type, opts.time_sampling, velocity_weight=opts.velocity_weight)
     dropout = ConditionDropout.for_float(config.audio_dropout_prob, config.ref_dropout_prob,
@@ -320,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             if ema is not None:
                 ema.update_parameters(trained)
             if val_loader is not None and step % opts.eval_interval == 0:
-                val_loss = validate(run, exported, val_loader, flow, train_opts.seed, opts.max_val_batches)
+                val_loss = validate(run, exported, val_loader, flow, train_opts.seed)
                 improved = stopper.update(val_loss, step)
                 run.metrics.log({"val/loss": val_loss, "val/best": stopper.best}, step)
                 logger.info("step %d: val/loss=%.5f (best %.5f at step %d)", step, val_loss, stopper.best,

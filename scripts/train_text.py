@@ -27,7 +27,9 @@ from omniflow.data.text import build_eval_datasets, build_train_dataset, collate
 from omniflow.models.text_heads import TextHeadOptions
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.launch import autocast_dtype, frozen_init_context
+from omniflow.runtime.noise import sample_generators
 from omniflow.runtime.options import parse_options
+from omniflow.runtime.paths import path_to_record
 from omniflow.runtime.run import TrainingOptions, TrainingRun, optimizer_steps
 from omniflow.text_job.checkpoints import BEST_HEAD, FINAL_HEAD, head_config
 from omniflow.text_job.model import TextJobModel
@@ -69,44 +71,60 @@ class TextTrainOptions:
             raise ConfigError(f"--lr and --noise_shift must be > 0, got {self.lr} and {self.noise_shift}")
 
 
-def eval_loaders(config, opts: TextTrainOptions, accelerator) -> dict[str, ResumableLoader]:
+def eval_loaders(config, opts: TextTrainOptions, rank: int, world_size: int) -> dict[str, ResumableLoader]:
+    """One loader per evaluation set: its first --max_eval_samples examples, each on exactly one rank."""
     loaders = {}
     for name, dataset in build_eval_datasets(config).items():
-        if opts.max_eval_samples is not None:
-            dataset = (dataset.take(opts.max_eval_samples) if not hasattr(dataset, "__len__")
-                       else Subset(dataset, range(min(opts.max_eval_samples, len(dataset)))))
+        if not hasattr(dataset, "__len__"):  # a stream: read its first examples once, so that they can be dealt
+            if opts.max_eval_samples is None:
+                raise ConfigError(f"evaluation set {name!r} streams: give --max_eval_samples (how many of its "
+                                  "examples to score)")
+            dataset = list(dataset.take(opts.max_eval_samples))
+        elif opts.max_eval_samples is not None:
+            dataset = Subset(dataset, range(min(opts.max_eval_samples, len(dataset))))
         loaders[name] = ResumableLoader(dataset, opts.batch_size, collate_fn=collate_examples, shuffle=False,
-                                        drop_last=False, rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes)
+                                        drop_last=False, rank=rank, world_size=world_size)
     return loaders
 
 
+# Per evaluation set, summed over its examples: CE x tokens, accuracy x tokens, tokens, auxiliary loss x examples,
+# examples. Each term is then averaged over the whole set, so no value depends on how the set was batched.
+SUMS = ("ce", "accuracy", "tokens", "aux", "examples")
+
+
 @torch.no_grad()
+def validation_sums(job: TextJobModel, stack, loaders: dict, seed: int, device) -> torch.Tensor:
+    """This rank's sums (:data:`SUMS`, one row per set); each example has its own noise, seeded by its index."""
+    sums = torch.zeros(len(loaders), len(SUMS), dtype=torch.float64, device=device)
+    for k, loader in enumerate(loaders.values()):
+        for indices, batch in loader.indexed():
+            out = job.head_terms(stack, send_to_device(batch, device), sample_generators(seed, indices))
+            tokens, ce = out.num_tokens, out.terms["ce"].item()
+            sums[k] += torch.tensor([ce * tokens, out.terms["token_accuracy"].item() * tokens, tokens,
+                                     (out.loss.item() - ce) * len(indices), len(indices)], dtype=torch.float64,
+                                    device=device)
+    return sums
+
+
+def validation_values(names: list[str], sums: torch.Tensor) -> dict[str, float]:
+    """The logged values of summed :data:`SUMS`: the loss is the token-mean CE plus the example-mean auxiliary loss."""
+    ce, accuracy, tokens, aux, examples = sums.sum(0)
+    values = {"val/loss": ce / tokens + aux / examples, "val/ce": ce / tokens, "val/token_accuracy": accuracy / tokens}
+    values["val/perplexity"] = math.exp(min(float(values["val/ce"]), 50.0))
+    for name, (ce, _, tokens, aux, examples) in zip(names, sums):
+        values[f"val/{name}/loss"] = ce / tokens.clamp(min=1) + aux / examples.clamp(min=1)
+    return {key: float(value) for key, value in values.items()}
+
+
 def validate(job: TextJobModel, stack, loaders: dict, run: TrainingRun, seed: int) -> dict[str, float]:
     """Loss terms over the evaluation sets, summed over ranks; the same noise at every evaluation."""
     stack.eval()
-    generator = torch.Generator().manual_seed(seed)
-    names = list(loaders)
-    # Per set: loss x samples, samples, ce x tokens, accuracy x tokens, tokens.
-    sums = torch.zeros(len(names), 5, dtype=torch.float64, device=run.device)
     with run.accelerator.autocast():
-        for k, name in enumerate(names):
-            for batch in loaders[name]:
-                batch = send_to_device(batch, run.device)
-                out = job.head_terms(stack, batch, generator)
-                size, tokens = len(batch["text"]), out.num_tokens
-                sums[k] += torch.tensor([out.loss.item() * size, size, out.terms["ce"].item() * tokens,
-                                         out.terms["token_accuracy"].item() * tokens, tokens], dtype=torch.float64,
-                                        device=run.device)
+        sums = validation_sums(job, stack, loaders, seed, run.device)
     if run.accelerator.num_processes > 1:
         sums = run.accelerator.reduce(sums, reduction="sum")
     stack.train()
-    total = sums.sum(0)
-    values = {"val/loss": total[0] / total[1], "val/ce": total[2] / total[4], "val/token_accuracy": total[3] / total[4]}
-    values["val/perplexity"] = math.exp(min(float(values["val/ce"]), 50.0))
-    for k, name in enumerate(names):
-        values[f"val/{name}/loss"] = sums[k, 0] / sums[k, 1].clamp(min=1)
-    return {key: float(value) for key, value in values.items()}
+    return validation_values(list(loaders), sums)
 
 
 def previous_best(output_dir: Path, resumed_step: int) -> float:
@@ -128,6 +146,7 @@ def main():
     if any(spec.streaming for spec in config.datasets if spec.train_split) and not train_opts.max_train_steps:
         raise ConfigError(f"{opts.data_config} streams its training data (no epoch length): give --max_train_steps")
     run = TrainingRun(train_opts, opts, head_opts, micro_batch_size=opts.batch_size)
+    run.derive("perplexity", lambda means: math.exp(min(means["ce"], 50.0)))
     acc = run.accelerator
     tasks = {spec.task for spec in config.datasets}
     with frozen_init_context(acc):
@@ -145,14 +164,15 @@ def main():
     loader = ResumableLoader(build_train_dataset(config, seed=train_opts.seed), opts.batch_size,
                              collate_fn=collate_examples, seed=train_opts.seed, rank=acc.process_index,
                              world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
-    evaluation = eval_loaders(config, opts, acc)
+    evaluation = eval_loaders(config, opts, acc.process_index, acc.num_processes)
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,
                                                               train_opts.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, opts.lr_warmup_steps, max_steps)
     model, optimizer, scheduler = run.prepare(stack, optimizer, scheduler)
-    best = previous_best(run.output_dir, run.resume(loader))
-    export_config = {**stack.config(), "model_path": opts.model_path, "data_config": opts.data_config}
+    best = previous_best(run.output_dir, run.start(loader))
+    export_config = {**stack.config(), "model_path": path_to_record(opts.model_path),
+                     "data_config": path_to_record(opts.data_config)}
 
     def evaluate_and_keep_best() -> None:
         nonlocal best

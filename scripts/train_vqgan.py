@@ -31,7 +31,6 @@ from typing import Any, Optional
 
 import torch
 from accelerate.utils import parse_flag_from_env
-from torch.utils.data import DataLoader, Subset
 from torchvision.utils import save_image
 
 from omniflow.data import ResumableLoader
@@ -89,12 +88,6 @@ def select_device(device: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[index] if visible else ids[0]
 
 
-def validation_loader(dataset, batch_size: int, rank: int, world_size: int, num_workers: int) -> DataLoader:
-    """Each validation item exactly once over all ranks (rank r takes items r, r + N, ...)."""
-    return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size=batch_size,
-                      shuffle=False, num_workers=num_workers)
-
-
 def lr_factor(step: int, gamma: float, every: int) -> float:
     return gamma ** (step // every)
 
@@ -134,7 +127,7 @@ def train_step(run: TrainingRun, x: torch.Tensor, model: torch.nn.Module, loss_f
         with acc.autocast():
             vq_loss, recon, perplexity, _ = model(x)
             loss, terms = loss_fn.generator_loss(x, recon, vq_loss, step, last_layer)
-        grad_norm = run.backward_and_step(loss, model, optimizer, scheduler)
+        run.backward_and_step(loss, model, optimizer, scheduler)
         if loss_fn.discriminator_step_due(step):
             with acc.autocast():
                 d_loss, d_terms = loss_fn.discriminator_loss(x, recon, step, discriminator=disc)
@@ -143,12 +136,12 @@ def train_step(run: TrainingRun, x: torch.Tensor, model: torch.nn.Module, loss_f
     terms.pop("total")
     if disc_optimizer is not None:  # every step, also before the first discriminator update
         terms["lr_disc"] = disc_optimizer.param_groups[0]["lr"]
-    return {"loss": loss, **terms, "perplexity": perplexity, "grad_norm": grad_norm}
+    return {"loss": loss, **terms, "perplexity": perplexity}
 
 
 def parse_args() -> tuple[VQParams, VQScriptOptions, TrainingOptions]:
     """param.json first (its values become defaults), then every flag on top of it."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=VQScriptOptions.config)
     wants_help = any(arg in ("-h", "--help") for arg in sys.argv[1:])
     params = None if wants_help else load_param_json(pre.parse_known_args()[0].config)
@@ -170,11 +163,7 @@ def main() -> None:
     torch.manual_seed(train_opts.seed)  # identical initial weights on every rank
     model = build_model(params)
     loss_fn = build_training_loss(params, model.in_channels)
-    if acc.is_main_process:
-        (run.output_dir / "param.json").write_text(json.dumps(params.resolved(), indent=2) + "\n")
-        summary = model_summary(params, model, loss_fn)
-        (run.output_dir / "model_summary.md").write_text(summary)
-        logger.info("model summary (also in %s):\n%s", run.output_dir / "model_summary.md", summary)
+    summary = model_summary(params, model, loss_fn) if acc.is_main_process else None
 
     train_set = build_dataset(params, "train", train_opts.seed)
     loader = ResumableLoader(train_set, params.data["batch_size"], seed=train_opts.seed, rank=acc.process_index,
@@ -203,12 +192,18 @@ def main() -> None:
         validator = VQValidator(acc, bare_model.codebook_sizes, lpips_net=train["val_lpips_net"],
                                 lpips_weights_path=train["val_lpips_weights_path"], compute_fid=train["compute_fid"],
                                 fid_weights_path=train["fid_weights_path"], num_grid_images=train["num_grid_images"])
-        val_loader = validation_loader(val_set, params.data["val_batch_size"] or params.data["batch_size"],
-                                       acc.process_index, acc.num_processes, train_opts.dataloader_num_workers)
+        # each validation item exactly once over all ranks
+        val_loader = ResumableLoader(val_set, params.data["val_batch_size"] or params.data["batch_size"],
+                                     shuffle=False, drop_last=False, rank=acc.process_index,
+                                     world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
     else:
         logger.info("no validation data (data_process.valid): validation and best-model exports are off")
     best = BestMetrics(run.output_dir, acc.is_main_process)
-    run.resume(loader)
+    run.start(loader)
+    if acc.is_main_process:
+        (run.output_dir / "param.json").write_text(json.dumps(params.resolved(), indent=2) + "\n")
+        (run.output_dir / "model_summary.md").write_text(summary)
+        logger.info("model summary (also in %s):\n%s", run.output_dir / "model_summary.md", summary)
     best.restore(resolve_checkpoint(run.output_dir, train_opts.resume_from_checkpoint), run.step)
     export_config = {**bare_model.export_config(), "image_size": list(params.image_size)}
 

@@ -34,8 +34,37 @@ def run_script(script: Path, *args, processes: int = 1, check: bool = True, **po
     return result
 
 
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a user-facing error (exit status 2, no traceback)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def truncated(path: Path) -> Path:
+    """``path`` cut to half its length, as an interrupted download or copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
 def train(output_dir, *extra, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
     return run_script(SCRIPT, "--output_dir", output_dir, *COMMON, *extra, processes=processes, check=check, **popen)
+
+
+def assert_pickle_free(checkpoint: Path) -> None:
+    """Every file of a checkpoint is JSON or safetensors, but DeepSpeed's engine files, which must load
+    with ``torch.load(weights_only=True)`` and the runtime's allowlist (its ``latest`` tag file and
+    ``zero_to_*.py`` scripts are never loaded)."""
+    from omniflow.runtime.checkpoint import DEEPSPEED_TAG, load_deepspeed_file
+
+    files = [p for p in Path(checkpoint).rglob("*") if p.is_file()]
+    assert files, checkpoint
+    for path in files:
+        if path.suffix in (".json", ".safetensors") or path.name == "latest" or path.name.startswith("zero_to_"):
+            continue
+        assert path.parent.name.startswith(DEEPSPEED_TAG) and path.suffix == ".pt", f"unexpected file {path}"
+        load_deepspeed_file(str(path))
 
 
 def metrics(output_dir) -> list[dict]:

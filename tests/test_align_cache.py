@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from PIL import Image
 from align_helpers import RESOLUTION, photo_dir, save_tiny_vae, vae_dirs  # noqa: F401 (fixtures)
 
 from omniflow.data.images import ImageFolderDataset, write_sample_images
@@ -83,6 +84,33 @@ def test_changed_vae_or_images_invalidate_the_cache(vae_dirs, tmp_path, caplog):
         open_latent_cache(cache, ImageFolderDataset(images, RESOLUTION), pipe)
 
 
+def test_new_weights_or_an_image_edited_in_place_invalidate_the_cache(vae_dirs, photo_dir, tmp_path):
+    """Same names, sizes and VAE config as when the cache was built: only the weights, or the pixels of one
+    image and its modification time, changed."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for photo in sorted(photo_dir.glob("*.png"))[:3]:  # BMP: an edit keeps the file's byte size
+        Image.open(photo).save(images / f"{photo.stem}.bmp")
+    data = ImageFolderDataset(images, RESOLUTION)
+    vae2 = save_tiny_vae(tmp_path / "vae_b", 16, seed=1, scaling_factor=1.5, shift_factor=0.1)
+    cache = tmp_path / "cache"
+    build_latent_cache(data, pipeline(vae_dirs["vae1"], vae2), cache)
+    save_tiny_vae(vae2, 16, seed=2, scaling_factor=1.5, shift_factor=0.1)  # retrained: same config, new weights
+    with pytest.raises(StaleLatentCacheError, match=r"stale: vae2 weights_sha256 changed .* for .*vae_b"):
+        open_latent_cache(cache, data, pipeline(vae_dirs["vae1"], vae2))
+
+    pipe = pipeline(vae_dirs["vae1"], vae_dirs["vae2"])
+    build_latent_cache(data, pipe, cache)
+    edited = data.paths[0]
+    size, mtime = edited.stat().st_size, edited.stat().st_mtime_ns
+    with Image.open(edited) as image:
+        flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(edited)
+    assert edited.stat().st_size == size and edited.stat().st_mtime_ns != mtime
+    with pytest.raises(StaleLatentCacheError, match="names, sizes or modification times differ"):
+        open_latent_cache(cache, ImageFolderDataset(images, RESOLUTION), pipe)
+
+
 def test_interrupted_rebuild_is_not_taken_for_a_complete_cache(vae_dirs, photo_dir, tmp_path):
     data = ImageFolderDataset(photo_dir, RESOLUTION)
     pipe = pipeline(vae_dirs["vae1"], vae_dirs["vae2"])
@@ -101,3 +129,16 @@ def test_interrupted_rebuild_is_not_taken_for_a_complete_cache(vae_dirs, photo_d
         build_latent_cache(Failing(photo_dir, RESOLUTION), pipe, tmp_path, batch_size=4, shard_size=4)
     with pytest.raises(FileNotFoundError, match="no latent cache index"):
         CachedLatentDataset(tmp_path)
+
+
+def test_a_truncated_shard_is_rebuilt(vae_dirs, photo_dir, tmp_path):
+    data = ImageFolderDataset(photo_dir, RESOLUTION)
+    pipe = pipeline(vae_dirs["vae1"], vae_dirs["vae2"], input_types=("latent",))
+    build_latent_cache(data, pipe, tmp_path, batch_size=4, shard_size=4)
+    shard = tmp_path / "shard_00001.safetensors"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])  # what a kill or a full disk leaves
+    with pytest.raises(StaleLatentCacheError, match="shard_00001.safetensors"):
+        open_latent_cache(tmp_path, data, pipe)
+    rebuilt = load_or_build_latent_cache(data, pipe, tmp_path, batch_size=4, shard_size=4)
+    assert shard.read_bytes() == intact and len(rebuilt) == 8

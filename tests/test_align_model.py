@@ -6,10 +6,13 @@ from align_helpers import RESOLUTION, photo_dir, save_tiny_vae, vae_dirs  # noqa
 from diffusers import AutoencoderKL
 
 from omniflow.data.images import ImageFolderDataset, to_model_range, write_sample_images
-from omniflow.models.align import (AlignConfigError, AlignModule, AlignPipeline, VAELoadError, latent_loss,
-                                   load_vae)
+from omniflow.models.align import (AlignConfigError, AlignPipeline, VAELoadError, export_config,
+                                   latent_loss, load_aligned_pipeline, load_vae)
+from omniflow.models.align_report import LatentMetrics
 from omniflow.runtime.errors import ConfigError
+from omniflow.runtime.export import export_weights
 from omniflow.runtime.hub import MissingModelError
+from omniflow.runtime.paths import path_to_record, resolve_recorded
 
 TINY = {"hidden_channels": 16, "num_blocks": 1, "downsample_times": 1}
 
@@ -144,6 +147,48 @@ def test_losses():
     assert latent_loss(pred, target, "weighted_l1").item() > 1.5 * latent_loss(pred, target, "l1").item()
     with pytest.raises(ValueError, match=r"\(2, 2, 4, 4\)"):
         latent_loss(pred[:, :1], target)
+
+
+@pytest.mark.parametrize("loss_type", ["mse", "l1", "weighted_l1"])
+def test_eval_metrics_of_a_set_do_not_depend_on_its_batches(loss_type):
+    """Batches of 3 + 2 (two ranks) or one of 5: the same means, and the loss of the whole set at once."""
+    torch.manual_seed(0)
+    target = torch.randn(5, 3, 4, 4) * torch.tensor([1.0, 0.3, 0.05]).view(1, 3, 1, 1)
+    pred = target + 0.1 * torch.randn_like(target)
+    whole, split = (LatentMetrics(3, loss_type=loss_type, loss_weight=2.0) for _ in range(2))
+    whole.update(pred, target)
+    for rows in (slice(0, 3), slice(3, 5)):
+        split.update(pred[rows], target[rows])
+    one, two = whole.compute(), split.compute(lambda sums: sums)
+    assert one["num_images"] == two["num_images"] == 5
+    for key in ("loss", "latent_mse", "latent_cosine", "target_std"):
+        assert torch.allclose(torch.tensor(one[key]), torch.tensor(two[key]), rtol=1e-12), key
+    assert one["loss"] == pytest.approx(latent_loss(pred, target, loss_type, loss_weight=2.0).item(), rel=1e-6)
+
+
+def test_exports_record_vae_folders_absolute_and_old_relative_ones_still_load(tmp_path, monkeypatch):
+    """An export written in ``project/`` before the fix names its VAEs relative to that folder; loaded from
+    elsewhere they are found from the folders above the export. Hub ids are recorded as given."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name, channels in (("a", 4), ("b", 16)):
+        save_tiny_vae(project / "models" / name, channels, seed=0)
+    monkeypatch.chdir(project)
+    pipe = AlignPipeline.from_pretrained("models/a", "models/b", "vae", "vae", input_types=["latent"], **TINY)
+    assert pipe.config["vae1"]["path"] == str(project / "models" / "a")
+    export = export_weights(pipe.module.state_dict(), export_config(pipe, RESOLUTION), project / "outputs" / "best")
+    old = json.loads((export / "config.json").read_text())
+    for key, name in (("vae1", "a"), ("vae2", "b")):
+        old["pipeline"][key]["path"] = f"models/{name}"
+    (export / "config.json").write_text(json.dumps(old))
+    monkeypatch.chdir(elsewhere)
+    loaded, _ = load_aligned_pipeline(export)
+    assert loaded.config["vae2"]["path"] == str(project / "models" / "b")
+    latent = torch.randn(1, 4, 16, 16)
+    torch.testing.assert_close(loaded.predict(None, latent), pipe.predict(None, latent))
+    assert path_to_record("black-forest-labs/FLUX.1-dev") == "black-forest-labs/FLUX.1-dev"
+    (elsewhere / "omniflow").mkdir()  # a folder named like a download_models.py name: the name still wins
+    assert path_to_record("omniflow") == resolve_recorded("omniflow", export / "config.json") == "omniflow"
 
 
 def test_config_round_trip(vae_dirs):

@@ -13,14 +13,14 @@ import pytest
 import torch
 from align_helpers import vae_dirs  # noqa: F401 (fixture)
 from PIL import Image
-from runtime_helpers import REPO, metrics, run_script
+from runtime_helpers import REPO, assert_pickle_free, metrics, run_script
 from safetensors.torch import load_file
 
 from omniflow.data.images import ImageFolderDataset, write_sample_images
 from omniflow.metrics.image import psnr
 from omniflow.models.align import AlignPipeline, load_aligned_pipeline
 from omniflow.models.align_report import to_unit
-from omniflow.runtime.options import parse_options
+from omniflow.runtime.state_files import load_state
 
 TRAIN = REPO / "scripts" / "train_align_with_args.py"
 EVAL = REPO / "scripts" / "eval_align.py"
@@ -47,9 +47,9 @@ def load_script(path: Path):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    """8 training and 4 eval photos, in a flat folder and in the ImageNet class-folder layout."""
+    """8 training and 5 eval photos (odd: 2 processes get 3 + 2), flat and in the ImageNet class-folder layout."""
     root = tmp_path_factory.mktemp("align_images")
-    photos = write_sample_images(root / "all", 32, 12)
+    photos = write_sample_images(root / "all", 32, 13)
     folders = {}
     for split, chosen in (("train", photos[:8]), ("eval", photos[8:])):
         for i, photo in enumerate(chosen):
@@ -69,13 +69,17 @@ def tiny_args(vae_dirs, images, output_dir, layout: str = "default") -> list:
 
 @pytest.fixture(scope="module")
 def full_run(vae_dirs, images, tmp_path_factory) -> Path:
-    """3 epochs of 4 steps from images (no cache), TensorBoard on, checkpoints at 6 and 12."""
+    """3 epochs of 4 steps from images (no cache), TensorBoard on, checkpoints at 6 and 12. It runs in the
+    VAEs' folder and names them by relative paths: the exports must load from anywhere else."""
     out = tmp_path_factory.mktemp("align_runs") / "full"
-    run_script(TRAIN, *tiny_args(vae_dirs, images, out), "--checkpointing_steps", "6", "--report_to", "tensorboard")
+    work = vae_dirs["vae1"].parent
+    relative = {key: folder.relative_to(work) for key, folder in vae_dirs.items()}
+    run_script(TRAIN, *tiny_args(relative, images, out), "--checkpointing_steps", "6", "--report_to", "tensorboard",
+               cwd=work)
     return out
 
 
-def test_training_lowers_the_latent_loss_and_reports(full_run):
+def test_training_lowers_the_latent_loss_and_reports(full_run, vae_dirs):
     train, evals = train_lines(full_run), eval_lines(full_run)
     assert sorted(train) == list(range(1, 13)) and sorted(evals) == [0, 4, 8, 12]
     assert evals[12]["eval/loss"] < 0.5 * evals[0]["eval/loss"], evals
@@ -92,7 +96,7 @@ def test_training_lowers_the_latent_loss_and_reports(full_run):
     best_step = min(evals, key=lambda s: evals[s]["eval/loss"])
     assert (best["step"], best["eval"]["loss"]) == (best_step, pytest.approx(evals[best_step]["eval/loss"]))
     assert final["step"] == 12 and final["pipeline"]["module"]["out_channels"] == 16
-    assert final["pipeline"]["vae2"]["subfolder"] == "vae"
+    assert final["pipeline"]["vae2"] == {"path": str(vae_dirs["vae2"]), "subfolder": "vae"}  # recorded absolute
 
     for step in (0, 12):  # grids at the start and every 3 epochs: 2 images x 5 views of 32 px
         with Image.open(full_run / "visualizations" / f"comparison_step{step:07d}.png") as grid:
@@ -113,9 +117,11 @@ def test_resume_from_a_checkpoint_is_exact(full_run, vae_dirs, images, tmp_path)
     run_script(TRAIN, *tiny_args(vae_dirs, images, resumed), "--resume_from_checkpoint", full_run / "checkpoint-6",
                "--num_visualize_samples", "0")  # grids off: they must not change the training
     assert not (resumed / "visualizations").exists()
-    # the best eval so far is part of the training state (accelerate's custom checkpoint object)
-    best_state = torch.load(full_run / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=True)
-    assert best_state == {"loss": eval_lines(full_run)[4]["eval/loss"], "step": 4}
+    # the best eval so far is part of the training state (a state the script registers with the run)
+    assert_pickle_free(full_run / "checkpoint-6")
+    best_state = load_state(full_run / "checkpoint-6" / "state_best_eval")
+    best_step = min((s for s in eval_lines(full_run) if s <= 6), key=lambda s: eval_lines(full_run)[s]["eval/loss"])
+    assert best_state == {"loss": eval_lines(full_run)[best_step]["eval/loss"], "step": best_step}
     full, again = train_lines(full_run), train_lines(resumed)
     assert sorted(again) == list(range(7, 13))
     for step in again:
@@ -142,16 +148,26 @@ def test_latent_cache_two_processes_resume_and_config_round_trip(vae_dirs, image
     full, again = train_lines(first), train_lines(second)
     assert sorted(again) == [3, 4]
     assert all(again[s]["loss"] == full[s]["loss"] and again[s]["lr"] == full[s]["lr"] for s in again)
-    # the eval due at step 2 ran after that checkpoint was saved, so the resumed run redoes it
+    # the eval due at step 2 ran before that checkpoint was saved: it is not redone
     assert {s: m["eval/loss"] for s, m in eval_lines(second).items()} == \
-        {s: m["eval/loss"] for s, m in eval_lines(first).items() if s >= 2}
+        {s: m["eval/loss"] for s, m in eval_lines(first).items() if s > 2}
     assert index_times == {split: (cache / split / "index.json").stat().st_mtime_ns for split in ("train", "eval")}
+
+    # The 5 eval images were dealt 3 + 2 to the ranks, all scored: one process finds what they reported.
+    evaluated = tmp_path / "eval"
+    run_script(EVAL, "--checkpoint", first / "best", "--eval_data_dir", images["eval_imagenet"], "--dataset_type",
+               "imagenet", "--output_dir", evaluated)
+    one = json.loads((evaluated / "metrics.json").read_text())["latent"]
+    two = json.loads((first / "best" / "config.json").read_text())["eval"]
+    assert one["num_images"] == two["num_images"] == 5
+    for key in ("loss", "latent_mse", "latent_cosine"):  # float64 sums of float32 latents encoded in other batches
+        assert one[key] == pytest.approx(two[key], rel=1e-5), key
 
     one, two = json.loads(saved.read_text()), json.loads(saved_again.read_text())
     changed = {k for k in one if one[k] != two[k]}
     assert changed == {"output_dir", "resume_from_checkpoint", "config_save_path"}
     assert (one["input_types"], one["loss_type"], one["dataset_type"]) == (["latent"], "weighted_l1", "imagenet")
-    assert one["save_dir"] is None and one["output_dir"] == str(first)  # seed names saved under runtime names
+    assert "save_dir" not in one and one["output_dir"] == str(first)  # seed names are saved as the runtime's
     assert json.loads((second / "final" / "config.json").read_text())["pipeline"]["loss_type"] == "weighted_l1"
 
 
@@ -162,9 +178,9 @@ def test_eval_writes_metrics_and_grids(full_run, images, tmp_path):
     results = json.loads((out / "metrics.json").read_text())
     best = json.loads((full_run / "best" / "config.json").read_text())
     # the training run's eval (batches of 4) and this script (batches of 3) agree on the latent metrics
-    assert results["latent"]["latent_mse"] == pytest.approx(best["eval"]["latent_mse"], rel=1e-5)
-    assert results["latent"]["latent_cosine"] == pytest.approx(best["eval"]["latent_cosine"], rel=1e-5)
-    assert results["latent"]["num_images"] == 4 and len(results["latent"]["pred_std"]) == 16
+    for key in ("loss", "latent_mse", "latent_cosine"):
+        assert results["latent"][key] == pytest.approx(best["eval"][key], rel=1e-5), key
+    assert results["latent"]["num_images"] == 5 and len(results["latent"]["pred_std"]) == 16
     sections = ("aligned_vs_original", "aligned_vs_target_reconstruction", "target_reconstruction_vs_original",
                 "source_reconstruction_vs_original")
     for section in sections:
@@ -201,18 +217,24 @@ def train_script():
     return load_script(TRAIN)
 
 
-def test_seed_flag_names_map_onto_the_runtime(train_script, tmp_path):
-    args = ["--train_data_dir", "x", "--save_dir", str(tmp_path), "--log_dir", "tb", "--precision", "bfloat16",
-            "--num_workers", "3"]
-    opts, train_opts = parse_options(train_script.AlignOptions, train_script.TrainingOptions, args=args)
-    train_script.apply_seed_names(opts, train_opts)
+def test_flags_beat_the_config_file_whichever_spelling(train_script, tmp_path):
+    """configs/align/sd15_to_flux.json sets save_dir and precision: the runtime's flags still win, and the
+    seed's flags win over the runtime's keys in a file."""
+    config = REPO / "configs" / "align" / "sd15_to_flux.json"
+    _, train_opts = train_script.parse_args(["--load_config", str(config)])
+    assert (train_opts.output_dir, train_opts.mixed_precision) == ("outputs/align_sd15_to_flux", "bf16")
+    _, train_opts = train_script.parse_args(["--load_config", str(config), "--output_dir", str(tmp_path),
+                                             "--mixed_precision", "no"])
+    assert (train_opts.output_dir, train_opts.mixed_precision) == (str(tmp_path), "no")
+    runtime_names = tmp_path / "runtime_names.json"
+    runtime_names.write_text(json.dumps({"output_dir": "x", "logging_dir": "x", "mixed_precision": "no",
+                                         "dataloader_num_workers": 1}))
+    _, train_opts = train_script.parse_args(["--load_config", str(runtime_names), "--train_data_dir", "x",
+                                             "--save_dir", str(tmp_path), "--log_dir", "tb", "--precision", "bfloat16",
+                                             "--num_workers", "3"])
     assert (train_opts.output_dir, train_opts.logging_dir, train_opts.mixed_precision,
             train_opts.dataloader_num_workers) == (str(tmp_path), "tb", "bf16", 3)
-    assert (opts.save_dir, opts.log_dir, opts.precision, opts.num_workers) == (None, None, None, None)
-    opts, train_opts = parse_options(train_script.AlignOptions, train_script.TrainingOptions,
-                                     args=["--train_data_dir", "x", "--precision", "float32"])
-    train_script.apply_seed_names(opts, train_opts)
-    assert train_opts.mixed_precision == "no"
+    assert train_script.parse_args(["--train_data_dir", "x", "--precision", "float32"])[1].mixed_precision == "no"
 
 
 def test_warmup_then_step_schedule(train_script):

@@ -34,6 +34,39 @@ def test_ranks_get_disjoint_equal_shards_of_uneven_data():
     assert len(seen) == len(set(seen)) == 12
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_evaluation_scores_every_sample_once_in_equal_batch_counts(shuffle):
+    """Without drop_last every index is in one batch of one rank, and all ranks run the same number of
+    batches (a ZeRO-3 forward is a collective), none empty and none over the batch size but for size 1."""
+    for n in range(1, 24):
+        for world in range(1, min(n, 5) + 1):
+            for batch_size in range(1, 6):
+                loaders = [ResumableLoader(list(range(n)), batch_size, collate_fn=list, shuffle=shuffle,
+                                           drop_last=False, rank=r, world_size=world) for r in range(world)]
+                shares = [list(loader) for loader in loaders]  # the items are their own indices
+                case = (n, world, batch_size)
+                assert sorted(i for share in shares for batch in share for i in batch) == list(range(n)), case
+                assert {len(share) for share in shares} == {len(loaders[0])}, case
+                sizes = [len(batch) for share in shares for batch in share]
+                assert min(sizes) >= 1 and max(sizes) <= max(batch_size, 2) and max(sizes) - min(sizes) <= 1, case
+                if batch_size > 1:
+                    assert max(sizes) <= batch_size, case
+
+
+def test_indexed_batches_name_their_dataset_indices():
+    indexed = list(ResumableLoader(rows(7), 2, collate_fn=collate, seed=4, rank=1, world_size=2).indexed())
+    assert len(indexed) == 1 and all(indices == batch for indices, batch in indexed)  # x is the row index
+
+
+def test_evaluation_refuses_a_rank_without_samples_and_a_stream():
+    with pytest.raises(DataError, match=r"2 samples: too few for 3 process\(es\) \(each needs a sample\)"):
+        ResumableLoader(list(range(2)), 4, drop_last=False, world_size=3)
+    with pytest.raises(DataError, match="streaming dataset"):
+        ResumableLoader(rows(4).to_iterable_dataset(), 2, drop_last=False, world_size=2)
+    alone = ResumableLoader(rows(5).to_iterable_dataset(), 2, collate_fn=collate, shuffle=False, drop_last=False)
+    assert list(alone) == [[0, 1], [2, 3], [4]]  # one process streams every sample
+
+
 def test_epochs_reshuffle_deterministically():
     a = ResumableLoader(rows(20), 5, collate_fn=collate, seed=3)
     b = ResumableLoader(rows(20), 5, collate_fn=collate, seed=3)

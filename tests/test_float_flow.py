@@ -8,6 +8,7 @@ import torch
 
 from omniflow.flow import (ConditionDropout, FlowSampler, GuidanceScales, RectifiedFlow, SamplerConfigError,
                            guided_velocity, sample_in_windows)
+from omniflow.runtime.noise import sample_generators
 
 
 def test_interpolation_and_target():
@@ -31,6 +32,20 @@ def test_draw_is_consistent_and_seeded():
     assert torch.equal(draw.target, x1 - draw.x0)
     again = flow.draw(x1, generator=torch.Generator().manual_seed(3))
     assert torch.equal(again.x0, draw.x0) and torch.equal(again.t, draw.t)
+
+
+@pytest.mark.parametrize("time_sampling", ["uniform", "logit_normal"])
+def test_a_generator_per_sample_makes_draws_independent_of_the_batch(time_sampling):
+    """Validation's noise: sample i draws from its own generator, so batches of 4 or 2 + 2 (two ranks) agree."""
+    flow = RectifiedFlow(time_sampling=time_sampling)
+    x1 = torch.randn(4, 6, 3)
+    whole = flow.draw(x1, generator=sample_generators(0, range(4)))
+    halves = [flow.draw(x1[rows], generator=sample_generators(0, rows)) for rows in ([0, 2], [1, 3])]
+    assert torch.equal(torch.stack([halves[i % 2].x0[i // 2] for i in range(4)]), whole.x0)
+    assert torch.equal(torch.stack([halves[i % 2].t[i // 2] for i in range(4)]), whole.t)
+    assert not torch.equal(whole.x0[0], whole.x0[1])
+    with pytest.raises(ValueError, match="3 generators for 4 rows"):
+        flow.draw(x1, generator=sample_generators(0, range(3)))
 
 
 def test_time_distributions():

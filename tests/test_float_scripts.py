@@ -22,7 +22,8 @@ from scipy.io import wavfile
 
 from float_helpers import EMOTION_DIR, SPEECH, TINY_CHECKPOINT, tiny_config, write_talking_head, write_wide_wav2vec2
 from omniflow.models.float import EMOTION_LABELS, MotionAutoEncoder
-from runtime_helpers import REPO, env
+import runtime_helpers
+from runtime_helpers import REPO, assert_pickle_free, env
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +31,8 @@ SCRIPTS = REPO / "scripts"
 FULL_STEPS, RESUME_AT = 24, 12
 
 
-def run_script(name: str, *args) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], env=env(), capture_output=True,
-                            text=True, timeout=600, cwd=REPO)
-    if result.returncode != 0:
-        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
+def run_script(name: str, *args, processes: int = 1, cwd=REPO) -> subprocess.CompletedProcess:
+    return runtime_helpers.run_script(SCRIPTS / name, *args, processes=processes, cwd=cwd)
 
 
 def metrics(run_dir) -> list[dict]:
@@ -74,12 +71,14 @@ def videos(work):
 
 
 @pytest.fixture(scope="module")
-def shards(work, videos, model_args):
+def shards(work, videos, wav2vec2):
+    """Preprocessed in ``work`` with the wav2vec2 named by a relative path; trained and generated from elsewhere."""
     labels = work / "labels.json"
     labels.write_text(json.dumps({"clip_a": "happy"}))
     out = work / "shards"
     run_script("preprocess_float.py", "--input_dir", videos, "--output_dir", out, "--motion_autoencoder",
-               TINY_CHECKPOINT, "--emotion_labels", labels, *model_args)
+               TINY_CHECKPOINT, "--emotion_labels", labels, "--config", "tiny", "--wav2vec_model_path",
+               wav2vec2.relative_to(work), "--audio2emotion_path", EMOTION_DIR, cwd=work)
     return out
 
 
@@ -99,6 +98,10 @@ def trained(work, shards):
     return out
 
 
+# validation on the first 3 x 3 of the 10 windows: odd, so two processes get 5 + 4
+VALIDATION_FLAGS = ["--batch_size", "3", "--max_val_batches", "3", "--eval_interval", "1"]
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(work, shards):
     """Through the example launcher (accelerate launch, CPU config): lr 0 from the tiny reference
@@ -108,8 +111,8 @@ def fine_tuned(work, shards):
                     "DATA_DIR": str(shards), "VAL_DATA_DIR": str(shards), "OUTPUT_DIR": str(out),
                     "FLOAT_CKPT": str(TINY_CHECKPOINT)}
     flags = ["--config", "tiny", "--mixed_precision", "no", "--learning_rate", "0", "--max_train_steps", "6",
-             "--eval_interval", "1", "--early_stopping_patience", "1", "--early_stopping_min_delta", "1e9",
-             "--sample_interval", "0", "--report_to", "none", "--batch_size", "4"]
+             *VALIDATION_FLAGS, "--early_stopping_patience", "1", "--early_stopping_min_delta", "1e9",
+             "--sample_interval", "0", "--report_to", "none"]
     result = subprocess.run(["bash", str(SCRIPTS / "train_rectified_flow.sh"), *flags], env=launcher_env,
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,7 +150,7 @@ def portrait(work):
 
 # ---- preprocessing ----------------------------------------------------------------------------
 
-def test_preprocess_writes_clip_shards_and_lists_skipped_clips(shards, videos):
+def test_preprocess_writes_clip_shards_and_lists_skipped_clips(shards, videos, wav2vec2):
     manifest = json.loads((shards / "manifest.json").read_text())
     clips = {c["id"]: c for c in manifest["clips"]}
     # 1.96 s and 2.99 s of speech at 25 fps (the videos are 30 fps)
@@ -157,6 +160,7 @@ def test_preprocess_writes_clip_shards_and_lists_skipped_clips(shards, videos):
     skipped = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in manifest["skipped"]}
     assert skipped.keys() == {"broken.mp4", "silent.mp4"}
     assert "cannot decode" in skipped["broken.mp4"] and "silent audio" in skipped["silent.mp4"]
+    assert manifest["wav2vec_model_path"] == str(wav2vec2)  # given relative to the folder it ran in
     assert "no face detector is installed" in (shards / "preprocess.log").read_text()
 
     a, b = (load_file(str(shards / clips[k]["shard"])) for k in ("clip_a", "clip_b"))
@@ -198,6 +202,9 @@ def test_resume_from_a_checkpoint_is_exact(trained, shards, work):
     train(shards, resumed, "--max_train_steps", FULL_STEPS, "--checkpointing_steps", RESUME_AT, "--val_data_dir",
           shards, "--eval_interval", 6, "--sample_interval", 0, "--gradient_checkpointing", "--report_to", "none",
           "--resume_from_checkpoint", trained / f"checkpoint-{RESUME_AT}")
+    assert_pickle_free(trained / f"checkpoint-{RESUME_AT}")  # EMA and early-stopping state included
+    assert {"state_ema.safetensors", "state_early_stopping.json"} <= {
+        p.name for p in (trained / f"checkpoint-{RESUME_AT}").iterdir()}
     full = {(r["step"], k): v for r in metrics(trained) for k, v in r.items() if k in ("loss", "val/loss", "val/best")}
     again = {(r["step"], k): v for r in metrics(resumed) for k, v in r.items() if k in ("loss", "val/loss", "val/best")}
     assert min(step for step, _ in again) == RESUME_AT + 1
@@ -205,6 +212,17 @@ def test_resume_from_a_checkpoint_is_exact(trained, shards, work):
     for name in ("final", "best"):  # EMA weights, and the best-validation export
         assert tensors_equal(load_file(str(trained / name / "model.safetensors")),
                              load_file(str(resumed / name / "model.safetensors"))), name
+
+
+def test_two_processes_validate_each_window_once_as_one_process_does(fine_tuned, shards, tmp_path):
+    """The same constant weights (learning rate 0) validated on 2 ranks (5 + 4 windows, each with the noise of
+    its index): the loss of the one-process run, up to float32 sums over other batches."""
+    out = tmp_path / "ddp"
+    run_script("train_rectified_flow.py", "--config", "tiny", "--data_dir", shards, "--val_data_dir", shards,
+               "--output_dir", out, "--pretrained_float", TINY_CHECKPOINT, "--learning_rate", "0", "--max_train_steps",
+               "1", *VALIDATION_FLAGS, "--sample_interval", "0", "--report_to", "none", processes=2)
+    one, two = ({r["step"]: r["val/loss"] for r in metrics(run) if "val/loss" in r} for run in (fine_tuned, out))
+    assert two[1] == pytest.approx(one[1], rel=1e-5)
 
 
 def test_fine_tuning_loads_the_released_checkpoint_strictly_and_stops_early(fine_tuned):
@@ -281,7 +299,8 @@ def test_released_layout_and_export_folder_generate_the_same_video(generate_main
                                                                    model_args, work):
     from_release, a = _generate(generate_main, trained / "final" / "float_release.safetensors", short_speech,
                                 portrait, work / "gen" / "release.mp4", *model_args, "--nfe", 3)
+    # the export's wav2vec2 is the one the shards recorded, preprocessed in another folder
     from_export, b = _generate(generate_main, trained / "final", short_speech, portrait, work / "gen" / "export.mp4",
-                               *model_args[2:], "--motion_autoencoder", TINY_CHECKPOINT, "--nfe", 3)
+                               "--motion_autoencoder", TINY_CHECKPOINT, "--nfe", 3)
     assert torch.equal(a, b)
     assert from_release["frames"] == from_export["frames"] == 23

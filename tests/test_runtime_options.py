@@ -47,6 +47,29 @@ def test_seed_config_flag_names(tmp_path):
     assert opts.hidden_dim == 8
 
 
+def test_script_aliases_and_synonyms_keep_flags_above_the_file(tmp_path):
+    """A script's own spelling of an option is that option: defaults < file < command line, any spelling."""
+    def parse(*args):
+        return parse_options(TrainingOptions, args=[str(a) for a in args], aliases={"output_dir": ["--save_dir"]},
+                             synonyms={"mixed_precision": {"float32": "no", "bfloat16": "bf16"}})
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"save_dir": "from_file", "mixed_precision": "float32"}))
+    assert (parse("--config", cfg).output_dir, parse("--config", cfg).mixed_precision) == ("from_file", "no")
+    flags = parse("--config", cfg, "--output_dir", "from_flag", "--mixed_precision", "bf16")
+    assert (flags.output_dir, flags.mixed_precision) == ("from_flag", "bf16")
+    cfg.write_text(json.dumps({"output_dir": "from_file"}))
+    assert parse("--config", cfg, "--save_dir", "from_flag", "--mixed_precision", "bfloat16").mixed_precision == "bf16"
+    assert parse("--config", cfg, "--save_dir", "from_flag").output_dir == "from_flag"
+    cfg.write_text(json.dumps({"save_dir": None, "output_dir": "kept"}))  # saved when save_dir was its own option
+    assert parse("--config", cfg).output_dir == "kept"
+    cfg.write_text(json.dumps({"save_dir": "a", "output_dir": "b"}))
+    with pytest.raises(ConfigError, match="keys 'save_dir' and 'output_dir' both set option 'output_dir'"):
+        parse("--config", cfg)
+    with pytest.raises(ConfigError, match="invalid choice: 'float64'"):
+        parse("--mixed_precision", "float64")
+
+
 def test_unknown_key_names_closest(tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"hiden_dim": 8}))
@@ -83,3 +106,34 @@ def test_every_training_option_has_help():
     from dataclasses import fields
 
     assert all(f.metadata.get("help") for f in fields(TrainingOptions))
+
+
+def test_negative_numbers_in_any_notation_are_values():
+    for text, value in (("-1e-3", -1e-3), ("-2.5E+2", -250.0), ("-.5", -0.5), ("-3", -3.0)):
+        assert parse_options(ModelOptions, args=["--lr", text]).lr == value
+
+
+def test_flags_are_never_abbreviated_and_errors_are_one_config_error():
+    with pytest.raises(ConfigError, match=r"unrecognized argument '--hidden_di'; did you mean '--hidden_dim'\?"):
+        parse_options(ModelOptions, args=["--hidden_di", "32"])
+    with pytest.raises(ConfigError, match=r"argument --hidden_dim: invalid int value: 'wide'"):
+        parse_options(ModelOptions, args=["--hidden_dim", "wide"])
+
+
+def test_every_argument_parser_refuses_abbreviations():
+    """Prefix matching reads a mistyped --fmt_dept as --fmt_depth; every parser of the project turns it off."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    files = [repo / "download_models.py", *(p for d in ("omniflow", "scripts", "benchmarks")
+                                             for p in (repo / d).rglob("*.py"))]
+    parsers = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = getattr(node, "func", None)
+            name = getattr(name, "attr", getattr(name, "id", None))
+            if isinstance(node, ast.Call) and name in ("ArgumentParser", "add_parser"):
+                allowed = {k.arg: getattr(k.value, "value", None) for k in node.keywords}.get("allow_abbrev", True)
+                parsers.append((f"{path.relative_to(repo)}:{node.lineno}", allowed))
+    assert len(parsers) > 10 and [where for where, allowed in parsers if allowed is not False] == []

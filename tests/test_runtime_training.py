@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ def test_run_outputs(full_run):
     assert "step 12" in (full_run / "train.log").read_text()
     assert list((full_run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     state, config = load_export(full_run / "final")
-    assert config == {"layers": [2, 64, 64, 3]}
+    assert config["layers"] == [2, 64, 64, 3]
     trained = load_file(str(full_run / "checkpoint-12" / "model.safetensors"))
     assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in state)
 
@@ -43,6 +42,8 @@ def test_resume_reproduces_uninterrupted_run(full_run, tmp_path):
     resumed = losses(tmp_path)
     assert sorted(resumed) == list(range(7, 13))
     assert resumed == {s: v for s, v in losses(full_run).items() if s > 6}
+    # The script's registered state (lowest loss so far) came back with the checkpoint.
+    assert load_export(tmp_path / "final")[1] == load_export(full_run / "final")[1]
 
 
 def test_streaming_resume_reproduces_uninterrupted_run(tmp_path):
@@ -101,19 +102,20 @@ def test_bad_resume_path_is_one_line(tmp_path):
 
 KILL_MID_SAVE = r"""
 import os, sys, torch
-import accelerate.checkpointing as ckpt
+import omniflow.runtime.checkpoint as ckpt
 from omniflow.runtime.launch import build_accelerator
-from omniflow.runtime.checkpoint import CheckpointManager
 out = sys.argv[1]
 acc = build_accelerator(out, report_to="none")
-model = acc.prepare(torch.nn.Linear(4, 4))
-manager = CheckpointManager(acc, out)
+model = torch.nn.Linear(4, 4)
+optimizer = torch.optim.AdamW(model.parameters())
+manager = ckpt.CheckpointManager(acc, out)
+manager.track(*acc.prepare(model, optimizer))
 manager.save(2, {"epoch": 0})
-real_save = ckpt.save
-def die_after_writing(obj, path, *a, **k):
-    real_save(obj, path, *a, **k)
-    os._exit(9)  # the process dies in the middle of the checkpoint write (weights written, optimizer not)
-ckpt.save = die_after_writing
+real_save_state = ckpt.save_state
+def die_after_writing(tree, stem):
+    real_save_state(tree, stem)
+    os._exit(9)  # the process dies in the middle of the checkpoint write (weights written, the rest not)
+ckpt.save_state = die_after_writing
 manager.save(4, {"epoch": 0})
 """
 

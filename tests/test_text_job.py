@@ -4,6 +4,7 @@ eval_text.py, learning, and the one-line errors."""
 import json
 import math
 import runpy
+import shutil
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from omniflow.runtime.errors import CheckpointError
 from omniflow.text_job.audio import FRAMES, N_MELS, load_audio_encoder, log_mel_spectrogram, mel_filters
 from omniflow.text_job.checkpoints import resolve_head_checkpoint
 from omniflow.text_job.model import TextJobModel
-from runtime_helpers import REPO, metrics
-from text_job_helpers import build_world, error_line, run_script, train_rows
+from runtime_helpers import REPO, assert_pickle_free, error_line, metrics
+from text_job_helpers import build_world, run_script, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -58,15 +59,18 @@ def test_variant_trains_logs_and_exports(variant_runs, variant):
     logged = metrics(out)
     steps = [m for m in logged if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
-    expected = {"loss", "ce", "perplexity", "token_accuracy", "latent_mse", "lr", "samples_per_s", "tokens_per_s"}
+    expected = {"loss", "ce", "perplexity", "token_accuracy", "latent_mse", "lr", "grad_norm", "samples_per_s",
+                "tokens_per_s"}
     if "vq" in variant:
         expected |= {"vq_loss", "vq_perplexity", "vq_usage"}
     assert expected <= set(steps[0])
     assert all(math.isfinite(m["loss"]) and m["tokens_per_s"] > 0 for m in steps)
+    assert all(m["perplexity"] == pytest.approx(math.exp(m["ce"]), rel=1e-12) for m in steps)
     validation = [m for m in logged if "val/loss" in m]
     assert [m["step"] for m in validation] == [2, 4]
     assert {"val/ce", "val/token_accuracy", "val/perplexity", "val/photos/loss", "val/sonnets/loss"} <= set(validation[0])
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    assert_pickle_free(out / "checkpoint-2")
     best, final = json.loads((out / "best_head/config.json").read_text()), json.loads(
         (out / "final_head/config.json").read_text())
     assert best["val_loss"] == pytest.approx(min(m["val/loss"] for m in validation))
@@ -85,7 +89,7 @@ def test_predictions_are_generated_by_each_variant_and_scored_side_by_side(world
     result = run_script("eval_text.py", "--predictions", *files, "--by_task", "--output_json", scores)
     table = json.loads(scores.read_text())["overall"]
     assert [name.split("/")[0] for name in table] == list(VARIANTS)
-    assert "| predictions | BLEU-4 | ROUGE-L |" in result.stdout
+    assert "| predictions | BLEU-1" in result.stdout and "| samples |" in result.stdout
 
 
 def test_resume_reproduces_the_uninterrupted_run(world, variant_runs, tmp_path):
@@ -99,17 +103,37 @@ def test_resume_reproduces_the_uninterrupted_run(world, variant_runs, tmp_path):
 
 def test_two_processes_train_validate_export_and_resume_exactly(world, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = [*world.model_args(), "--data_config", world.data["mixed"], *TRAIN]
+    args = [*world.model_args(), "--data_config", world.data["mixed"], *TRAIN, "--max_eval_samples", "3"]
     run_script("train_text.py", *args, "--output_dir", full, processes=2)
     validation = [m for m in metrics(full) if "val/loss" in m]
     assert [m["step"] for m in validation] == [2, 4]
-    # Each rank holds one of the two validation examples per set; rank 0 logs the sums over both ranks.
-    assert {"val/photos/loss", "val/sonnets/loss"} <= set(validation[0])
     assert json.loads((full / "best_head/config.json").read_text())["val_loss"] == pytest.approx(
         min(m["val/loss"] for m in validation))
+    # The 3 validation examples per set were dealt 2 + 1 to the ranks; one process scoring the final head (the
+    # step 4 weights) on all of them, in other batches, finds what rank 0 logged at step 4.
+    one = validate_in_one_process(world, full / "final_head", max_eval_samples=3)
+    assert set(one) == {k for k in validation[1] if k.startswith("val/")}
+    for key, value in one.items():  # float32 terms of other batch compositions, summed in float64
+        assert validation[1][key] == pytest.approx(value, rel=1e-5), key
     run_script("train_text.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", full / "checkpoint-2",
                processes=2)
     assert train_rows(resumed) == [row for row in train_rows(full) if row["step"] > 2]
+
+
+def validate_in_one_process(world, head, max_eval_samples: int) -> dict[str, float]:
+    """train_text.py's validation of an exported head on ``world.data["mixed"]``, in this process."""
+    from omniflow.data.text import load_data_config
+    from omniflow.models.text_heads import load_text_head_stack
+
+    script = runpy.run_path(str(REPO / "scripts/train_text.py"), run_name="validation")
+    config = load_data_config(world.data["mixed"])
+    job = TextJobModel.load(world.model, {spec.task for spec in config.datasets}, models_dir=world.models_dir,
+                            training=True, max_length=config.max_length)
+    opts = script["TextTrainOptions"](model_path=str(world.model), data_config=str(world.data["mixed"]),
+                                      batch_size=2, max_eval_samples=max_eval_samples)
+    loaders = script["eval_loaders"](config, opts, rank=0, world_size=1)
+    sums = script["validation_sums"](job, load_text_head_stack(head), loaders, seed=0, device="cpu")
+    return script["validation_values"](list(loaders), sums)
 
 
 # Memorisation per task: data config, training flags, sampling flags. Texts are sampled for the training
@@ -185,9 +209,14 @@ def test_streaming_data_trains_for_a_step_count(world, tmp_path, monkeypatch, ca
               "--text_decoder_head_hidden_dim", "32", "--batch_size", "2", "--report_to", "none"]
     assert "give --max_train_steps" in run_in_process("train_text.py", *common, "--output_dir", tmp_path / "a",
                                                       monkeypatch=monkeypatch, capsys=capsys)
-    run_script("train_text.py", *common, "--max_train_steps", "2", "--log_interval", "1", "--output_dir", tmp_path / "b")
+    # run in the world's folder, with the model and data named by relative paths
+    relative = [path.relative_to(world.root) for path in (world.model, world.models_dir, world.data["streaming"])]
+    run_script("train_text.py", *common, "--model_path", relative[0], "--models_dir", relative[1], "--data_config",
+               relative[2], "--max_train_steps", "2", "--log_interval", "1", "--output_dir", tmp_path / "b",
+               cwd=world.root)
     assert [row["step"] for row in train_rows(tmp_path / "b")] == [1, 2]
-    assert (tmp_path / "b/best_head/model.safetensors").is_file()
+    best = json.loads((tmp_path / "b/best_head/config.json").read_text())  # the streamed set was validated
+    assert (best["model_path"], best["data_config"]) == (str(world.model), str(world.data["streaming"]))
 
 
 def test_invalid_head_dim_is_one_line(world, tmp_path):
@@ -198,11 +227,14 @@ def test_invalid_head_dim_is_one_line(world, tmp_path):
     assert "--text_decoder_head_dim 100 is not supported" in line and "64" in line and "96" in line
 
 
-def test_missing_model_names_the_download_command(world, tmp_path):
+def test_missing_model_names_the_download_command_and_writes_nothing(world, variant_runs, tmp_path):
+    out = shutil.copytree(variant_runs["baseline"], tmp_path / "out")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = run_script("train_text.py", "--model_path", "models/OmniFlow-v0.5", "--data_config",
-                        world.data["mixed"], "--use_text_decoder_head", "--output_dir", tmp_path / "out",
+                        world.data["mixed"], "--use_text_decoder_head", "--output_dir", out, "--overwrite_output_dir",
                         cwd=tmp_path, check=False)
     assert "python download_models.py --models omniflow" in error_line(result)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # config.json and best_head kept
 
 
 def run_in_process(name, *args, monkeypatch, capsys) -> str:
@@ -228,8 +260,9 @@ def test_checkpoint_argument(tmp_path, variant_runs):
     assert resolve_head_checkpoint(str(out / "final_head/model.safetensors")) == out / "final_head"
     with pytest.raises(CheckpointError, match="matches 2 paths"):
         resolve_head_checkpoint(f"{out}/*_head")
-    with pytest.raises(FileNotFoundError, match="no file or folder matches"):
+    with pytest.raises(FileNotFoundError, match="no file or folder matches .* exports heads as <output_dir>/best_head/"):
         resolve_head_checkpoint(f"{tmp_path}/best_*")
+    assert resolve_head_checkpoint(f"{out}/best_*.pt") == out / "best_head"  # the seed's pattern
     with pytest.raises(FileNotFoundError, match="holds no head export"):
         resolve_head_checkpoint(str(tmp_path))
 

@@ -13,9 +13,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from omniflow.data.video import ImageFrameDataset, frames_to_model_input, list_images
-from omniflow.metrics.image import psnr
+from omniflow.metrics.image import CodebookUsage, FIDMetric, psnr
 from omniflow.models.vq import load_vq_model
 from omniflow.models.vq.params import load_param_json
+from runtime_helpers import assert_pickle_free
 from vq_helpers import (REPO, TRAIN_SCRIPT, script_env, tiny_config, train_vq, training_terms, validation_metrics,
                         write_vq_data)
 
@@ -101,7 +102,12 @@ def test_resume_with_active_discriminator_reproduces_the_run(runs, tmp_path):
     full = runs("vqgan_vqmodel")
     checkpoint = full / f"checkpoint-{STEPS // 2}"
     saved = {p.name for p in checkpoint.iterdir()}
-    assert {"model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin", "scheduler.bin"} <= saved
+    assert {"model.safetensors", "model_1.safetensors", "optimizer.safetensors", "optimizer_1.safetensors",
+            "scheduler.json"} <= saved
+    assert_pickle_free(checkpoint)
+    # a second run into the same folder without resuming is refused: it would mix with the first
+    refused = train_vq(full.parent / "vqgan_vqmodel.json", full, check=False)
+    assert refused.returncode == 2 and f"--output_dir {full} holds an earlier run" in refused.stderr
     train_vq(full.parent / "vqgan_vqmodel.json", tmp_path / "half", "--resume_from_checkpoint", str(checkpoint))
     expected = {s: t for s, t in training_terms(full).items() if s > STEPS // 2}
     resumed = training_terms(tmp_path / "half")
@@ -113,7 +119,7 @@ def test_resume_with_active_discriminator_reproduces_the_run(runs, tmp_path):
 
 def test_ddp_two_processes_bf16_metrics_cover_the_whole_validation_set(data, tmp_path):
     config = tiny_config("vqgan_vqmodel", tmp_path, data, {"batch_size": 2}, num_steps=4, validation_interval=4,
-                         compute_fid=False)
+                         compute_fid=True)
     spec = json.loads(config.read_text())
     spec["model_args"]["lossconfig"]["params"]["disc_start"] = 0
     config.write_text(json.dumps(spec))
@@ -135,8 +141,18 @@ def test_ddp_two_processes_bf16_metrics_cover_the_whole_validation_set(data, tmp
     finally:
         torch.set_num_threads(threads)
     recon = recon.float().clamp(-1, 1)
-    assert val["codebook_used_codes"] == len(torch.unique(indices))
-    assert val["psnr"] == pytest.approx(psnr((recon + 1) / 2, (x + 1) / 2, 1.0).mean().item(), abs=1e-4)
+    usage = CodebookUsage(32)
+    usage.update(indices)
+    expected = {**usage.compute(), "mse": (recon - x).pow(2).mean().item(),
+                "psnr": psnr((recon + 1) / 2, (x + 1) / 2, 1.0).mean().item()}
+    fid = FIDMetric(device="cpu", input_range=(-1.0, 1.0))
+    fid.update(x, real=True)
+    fid.update(recon, real=False)
+    assert val["codebook_used_codes"] == expected["used_codes"] == len(torch.unique(indices))
+    assert val["codebook_usage"] == expected["usage"] and val["perplexity"] == pytest.approx(expected["perplexity"])
+    for key in ("psnr", "mse"):  # bf16 reconstructions of other batch compositions
+        assert val[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-4), key
+    assert val["rfid"] == pytest.approx(fid.compute(), rel=1e-3)  # statistics of 5 images: a near-singular sqrtm
 
 
 def test_deepspeed_launch_is_refused_naming_the_ddp_config(data, tmp_path):

@@ -3,7 +3,6 @@ three scripts run as subprocesses the way a user runs them."""
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +59,3 @@ def run_script(name: str, *args, processes: int = 1, check: bool = True, cwd: Pa
 def train_rows(output_dir: Path) -> list[dict]:
     """The logged training terms per step, throughput (wall-clock) left out."""
     return [{k: v for k, v in row.items() if not k.endswith("_per_s")} for row in metrics(output_dir) if "loss" in row]
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The one stderr line of a user-facing error (exit status 2)."""
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
-    return lines[0]

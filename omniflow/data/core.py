@@ -4,13 +4,14 @@ and :class:`ResumableLoader`, which gives each rank its batches with an exact, s
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..runtime.errors import DataError
 
@@ -31,17 +32,12 @@ def load_hf_dataset(source: str, split: str = "train", *, streaming: bool = Fals
 
     path = Path(source)
     if path.is_file():
-        builder = _BUILDERS.get(path.suffix)
-        if builder is None:
-            raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use one of {sorted(_BUILDERS)})")
-        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming,
-                                     cache_dir=cache_dir)
+        return _load_data_file(path, split, streaming, cache_dir)
     if path.is_dir():
-        for suffix, builder in _BUILDERS.items():
+        for suffix in _BUILDERS:
             candidate = path / f"{split}{suffix}"
             if candidate.is_file():
-                return datasets.load_dataset(builder, data_files={split: str(candidate)}, split=split,
-                                             streaming=streaming, cache_dir=cache_dir)
+                return _load_data_file(candidate, split, streaming, cache_dir)
         return datasets.load_dataset(folder_type, data_dir=str(path), split=split, streaming=streaming,
                                      cache_dir=cache_dir)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
@@ -58,6 +54,46 @@ def load_hf_dataset(source: str, split: str = "train", *, streaming: bool = Fals
         ) from None
 
 
+def _load_data_file(path: Path, split: str, streaming: bool, cache_dir: str | None):
+    """A local data file as ``split``; a malformed row is a DataError naming the file (and the line)."""
+    import datasets
+
+    builder = _BUILDERS.get(path.suffix)
+    if builder is None:
+        raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use one of {sorted(_BUILDERS)})")
+    if streaming and path.suffix == ".jsonl":  # a stream would meet a bad row mid-run, as a bare pyarrow error
+        _check_json_lines(path)
+    try:
+        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming,
+                                     cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as err:
+        if path.suffix == ".jsonl":  # datasets says neither where nor which row: find the line
+            _check_json_lines(path)
+        raise DataError(f"{path}: not readable as {builder} data ({err.__cause__ or err})") from None
+
+
+def json_records(path: str | Path) -> Iterator[dict]:
+    """The records of a JSON-lines file; a line that is not a JSON object is a DataError naming file and line."""
+    # Lenient (a BOM, undecodable bytes, raw control characters, a lone "\r"): a line is blamed only when it is
+    # surely not a JSON object.
+    with Path(path).open(encoding="utf-8-sig", errors="replace", newline="\n") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line, strict=False)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not a JSON record ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: not a JSON record (a JSON {type(record).__name__})")
+            yield record
+
+
+def _check_json_lines(path: Path) -> None:
+    for _ in json_records(path):
+        pass
+
+
 def _is_iterable(dataset: Any) -> bool:
     return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
 
@@ -65,8 +101,15 @@ def _is_iterable(dataset: Any) -> bool:
 class ResumableLoader:
     """Batches of one rank, deterministic in (seed, epoch), with ``state_dict``/``load_state_dict``.
 
-    Map-style datasets: each epoch is a seeded permutation, dealt to ranks round-robin and cut to
-    the same number of batches on every rank (uneven data never leaves one rank waiting).
+    Map-style datasets: each epoch is an order (a seeded permutation, or ``range(n)`` without
+    ``shuffle``) dealt to ranks round-robin, and every rank gets the same number of batches, so
+    uneven data never leaves one rank waiting in a collective (a DDP step, a ZeRO-3 forward).
+    With ``drop_last`` (training) each rank's share is cut to ``n // world_size`` samples in full
+    batches. Without it (evaluation) no sample is dropped: each is in exactly one batch of one
+    rank, and each rank splits its share into the same ``ceil(ceil(n / world_size) / batch_size)``
+    batches of sizes as equal as possible, so a shorter share has slightly smaller batches (with
+    ``batch_size`` 1 and uneven shares the longer shares get one batch of 2: no batch is empty).
+    :meth:`indexed` also yields the dataset indices of each batch.
     Iterable (streaming) datasets: ``split_dataset_by_node`` gives each rank its shard; examples
     are shuffled within consecutive blocks of ``shuffle_buffer`` (seeded by epoch and block), and
     the position is (the dataset's own ``state_dict`` at the block start, offset in the block), so
@@ -94,6 +137,9 @@ class ResumableLoader:
         self._stream_state = None
         self.iterable = _is_iterable(dataset)
         if self.iterable:
+            if not drop_last and world_size > 1:
+                raise DataError("a streaming dataset cannot be dealt to processes in equal numbers of batches that "
+                                "keep every sample; evaluate a sized one (e.g. a list of its first examples)")
             from datasets.distributed import split_dataset_by_node
 
             if world_size > 1:
@@ -101,16 +147,19 @@ class ResumableLoader:
             # A loaded state sticks to the dataset for later iterations: epochs restart from this one.
             self._stream_start = dataset.state_dict()
         elif len(dataset) < world_size * (batch_size if drop_last else 1):
-            raise DataError(f"dataset has {len(dataset)} samples: too few for {world_size} process(es) "
-                            f"with batch size {batch_size}")
+            need = f"with batch size {batch_size}" if drop_last else "(each needs a sample)"
+            raise DataError(f"dataset has {len(dataset)} samples: too few for {world_size} process(es) {need}")
         self.dataset = dataset
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (map-style datasets only)."""
         if self.iterable:
             raise TypeError("a streaming dataset has no length; train with --max_train_steps")
-        per_rank = len(self.dataset) // self.world_size
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        n = len(self.dataset)
+        if self.drop_last:
+            return n // self.world_size // self.batch_size
+        longest, shortest = math.ceil(n / self.world_size), n // self.world_size
+        return min(math.ceil(longest / self.batch_size), shortest)
 
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -129,26 +178,37 @@ class ResumableLoader:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(n))
-        mine = order[self.rank::self.world_size][: n // self.world_size]
-        batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()
-        return batches
+        mine = order[self.rank::self.world_size]
+        if self.drop_last:
+            return [mine[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
+        # len(self) batches, the first `longer` of them one sample longer than the others
+        size, longer = divmod(len(mine), len(self))
+        bounds = [i * size + min(i, longer) for i in range(len(self) + 1)]
+        return [mine[start:end] for start, end in zip(bounds, bounds[1:])]
 
     def __iter__(self) -> Iterator[Any]:
         """Yield the rest of the current epoch, then move the position to the next epoch."""
+        return (batch for _, batch in self._iterate())
+
+    def indexed(self) -> Iterator[tuple[list[int], Any]]:
+        """As iterating, with each batch's dataset indices: ``(indices, batch)`` (map-style datasets only)."""
+        if self.iterable:
+            raise TypeError("a streaming dataset has no sample indices")
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[tuple[list[int] | None, Any]]:
         if not self.iterable and self.batch_in_epoch >= len(self):
             # Restored from a position after an epoch's last batch: that epoch is done.
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        batches = self._iter_stream() if self.iterable else self._iter_map()
-        for batch in batches:
+        batches = ((None, batch) for batch in self._iter_stream()) if self.iterable else self._iter_map()
+        for indices, batch in batches:
             self.batch_in_epoch += 1
-            yield batch
+            yield indices, batch
         self.epoch += 1
         self.batch_in_epoch = 0
         self._stream_state = None
 
-    def _iter_map(self) -> Iterator[Any]:
+    def _iter_map(self) -> Iterator[tuple[list[int], Any]]:
         if hasattr(self.dataset, "set_epoch"):  # e.g. new random clip starts per epoch; workers see it
             self.dataset.set_epoch(self.epoch)
         remaining = self._epoch_batches()[self.batch_in_epoch:]
@@ -156,7 +216,7 @@ class ResumableLoader:
         # state belongs to the model (dropout, noise) and is restored exactly on resume.
         loader = DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn,
                             num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
-        yield from loader
+        yield from zip(remaining, loader)
 
     def _iter_stream(self) -> Iterator[Any]:
         pending = []

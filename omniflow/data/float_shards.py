@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ..runtime.errors import DataError
+from ..runtime.weights import open_safetensors
 
 logger = logging.getLogger("omniflow")
 
@@ -79,6 +79,14 @@ def write_manifest(data_dir: Path, settings: dict, clips: list[ClipRecord], skip
     tmp.write_text(json.dumps(body, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def check_shard(path: Path) -> None:
+    """A clip shard must be readable and hold every tensor in :data:`SHARD_KEYS` (only its header is read)."""
+    with open_safetensors(path, error=DataError) as shard:
+        missing = [k for k in SHARD_KEYS if k not in shard.keys()]
+    if missing:
+        raise DataError(f"{path}: clip shard lacks the tensors {missing}")
 
 
 def read_json_object(path: str | os.PathLike) -> dict:
@@ -131,6 +139,8 @@ class FloatWindowDataset(Dataset):
         if not self.clips:
             raise DataError(f"{self.data_dir}: no clip has a full window of {window} frames "
                             f"({len(records)} clip(s) in {MANIFEST_NAME})")
+        for clip in self.clips:  # headers only: a truncated shard fails here, not when training reaches it
+            check_shard(self.data_dir / clip.shard)
         self.items = [(c, slot) for c, clip in enumerate(self.clips) for slot in range(clip.frames // window)]
 
     @property
@@ -165,15 +175,11 @@ class FloatWindowDataset(Dataset):
         p, n = self.num_prev, self.window
         has_prev = start >= p > 0
         first = start - p if has_prev else start
-        path = self.data_dir / clip.shard
-        try:
-            with safe_open(str(path), "pt") as shard:
-                motion = shard.get_slice("motion")[first:start + n].float()
-                audio = shard.get_slice("audio_features")[first:start + n].float()
-                reference_motion = shard.get_slice("motion")[reference:reference + 1][0].float()
-                emotion = shard.get_tensor("emotion").float()
-        except (OSError, KeyError, RuntimeError) as err:  # safetensors reports corrupt files as OSError/RuntimeError
-            raise DataError(f"{path}: cannot read clip shard ({err})") from None
+        with open_safetensors(self.data_dir / clip.shard, error=DataError) as shard:
+            motion = shard.get_slice("motion")[first:start + n].float()
+            audio = shard.get_slice("audio_features")[first:start + n].float()
+            reference_motion = shard.get_slice("motion")[reference:reference + 1][0].float()
+            emotion = shard.get_tensor("emotion").float()
         if not has_prev:
             motion = torch.cat([motion.new_zeros(p, motion.shape[1]), motion])
             audio = torch.cat([audio.new_zeros(p, audio.shape[1]), audio])

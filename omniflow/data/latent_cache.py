@@ -5,10 +5,10 @@ Layout of a cache folder::
     index.json                 key + shard list; written last, so its presence means "complete"
     shard_00000.safetensors    tensors "vae1" [n, C1, h, w] and "vae2" [n, C2, h, w]
 
-The key records the data set (relative file list with byte sizes, resolution) and each VAE
-(its source, a hash of its config, its dtype). A cache whose key differs from the current run's
-is stale: :func:`open_latent_cache` says which part changed. Every file is written to a
-temporary name and moved into place with ``os.replace``.
+The key records the data set (relative file list with each file's byte size and modification
+time, resolution) and each VAE (its source, a hash of its config, a hash of its weights, its
+dtype). A cache whose key differs from the current run's is stale: :func:`open_latent_cache` says
+which part changed. Every file is written to a temporary name and moved into place with ``os.replace``.
 """
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from omniflow.data.images import ImageFolderDataset
 from omniflow.models.align import AlignPipeline, encode_latents
-from omniflow.runtime.errors import DataError
+from omniflow.runtime.errors import CheckpointError, DataError
+from omniflow.runtime.tracking import progress
+from omniflow.runtime.weights import open_safetensors
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file modification times and VAE weight hashes in the key
 
 
 class StaleLatentCacheError(DataError):
@@ -41,14 +43,29 @@ def _sha256(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict: every tensor's name, dtype, shape and bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def latent_cache_key(dataset: ImageFolderDataset, pipeline: AlignPipeline) -> dict:
-    """What the cached latents depend on. File sizes catch a file replaced under the same name."""
-    files = [[name, path.stat().st_size] for name, path in zip(dataset.files, dataset.paths)]
+    """What the cached latents depend on. A file's size and modification time catch it replaced or
+    edited under the same name (reading every file's contents would cost a pass over the data set);
+    the weights hash catches new weights under the same config."""
+    files = []
+    for name, path in zip(dataset.files, dataset.paths):
+        stat = path.stat()
+        files.append([name, stat.st_size, stat.st_mtime_ns])
     vaes = {}
     for key, vae in pipeline.vaes.items():
         config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
         vaes[key] = {"source": str(pipeline.sources[key]), "config_sha256": _sha256(config),
-                     "dtype": str(vae.dtype)}
+                     "weights_sha256": weights_sha256(vae), "dtype": str(vae.dtype)}
     return {"format": FORMAT_VERSION, "num_files": len(files), "files_sha256": _sha256(files),
             "resolution": dataset.resolution, "vaes": vaes}
 
@@ -59,17 +76,17 @@ def _key_difference(cached: dict, current: dict) -> str | None:
         return f"cache format {cached.get('format')} (now {current['format']})"
     if (cached["num_files"], cached["files_sha256"]) != (current["num_files"], current["files_sha256"]):
         return (f"the image files changed ({cached['num_files']} cached, {current['num_files']} now, "
-                "or names/sizes differ)")
+                "or names, sizes or modification times differ)")
     if cached["resolution"] != current["resolution"]:
         return f"resolution {cached['resolution']} (now {current['resolution']})"
     for key, now in current["vaes"].items():
         then = cached["vaes"].get(key, {})
-        for field in ("source", "config_sha256", "dtype"):
+        for field in ("source", "config_sha256", "weights_sha256", "dtype"):
             if then.get(field) != now[field]:
                 if field == "source":
                     return f"{key} source changed ({then.get(field)} cached, {now[field]} now)"
                 was, new = str(then.get(field)), now[field]
-                if field == "config_sha256":
+                if field.endswith("_sha256"):
                     was, new = was[:12], new[:12]
                 return f"{key} {field} changed ({was} cached, {new} now) for {now['source']}"
     return None
@@ -102,7 +119,7 @@ def build_latent_cache(dataset: ImageFolderDataset, pipeline: AlignPipeline, cac
         for v in pending.values():
             v.clear()
 
-    for batch in loader:
+    for batch in progress(loader, desc=f"caching latents in {cache_dir}", unit="batch"):
         for key, vae in pipeline.vaes.items():
             pending[key].append(encode_latents(vae, batch["image"]).cpu())
         if sum(len(t) for t in pending[pipeline.source_key]) >= shard_size:
@@ -169,6 +186,12 @@ def open_latent_cache(cache_dir: str | Path, dataset: ImageFolderDataset, pipeli
     difference = _key_difference(cached.index["key"], latent_cache_key(dataset, pipeline))
     if difference:
         raise StaleLatentCacheError(f"latent cache {cache_dir} is stale: {difference}")
+    for shard in cached.index["shards"]:  # a save cut short (kill, full disk) leaves a truncated shard
+        try:
+            with open_safetensors(Path(cache_dir) / shard["file"]):
+                pass
+        except CheckpointError as err:
+            raise StaleLatentCacheError(f"latent cache {cache_dir} is damaged: {err}") from None
     if with_images is None:
         with_images = "image" in pipeline.input_types
     return CachedLatentDataset(cache_dir, dataset) if with_images else cached

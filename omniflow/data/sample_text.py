@@ -158,7 +158,8 @@ def write_sample_text_data(out_dir: str | Path, image_size: int = 64, n_text: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the text job's embedded sample data (offline).")
+    parser = argparse.ArgumentParser(description="Write the text job's embedded sample data (offline).",
+                                     allow_abbrev=False)
     parser.add_argument("--output_dir", default="data/sample", help="folder that receives photos/ and shakespeare/")
     parser.add_argument("--image_size", type=int, default=64, help="side of the stored square images")
     parser.add_argument("--n_text", type=int, default=300, help="number of Sonnet sentences")

@@ -57,7 +57,7 @@ from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 
 from ..runtime.errors import ConfigError, DataError
-from .core import load_hf_dataset
+from .core import json_records, load_hf_dataset
 from .images import load_image
 from .sample_text import COMMAND as SAMPLE_COMMAND, SAMPLE_SETS
 from .text_sources import SOURCES, SOURCES_BY_REPO, convert_row, load_source_split, open_archive
@@ -188,13 +188,7 @@ def jsonl_texts(paths: Sequence[str | Path]) -> list[str]:
         found = len(texts)
         if not path.is_file():
             raise DataError(f"{path} not found")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not a JSON record ({err.msg})") from None
+        for record in json_records(path):
             texts += [record["text"]] if isinstance(record.get("text"), str) else []
             texts += [ref for ref in record.get("references") or [] if isinstance(ref, str)]
         if len(texts) == found:

@@ -11,6 +11,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from ..runtime.noise import Generators, per_row
+
 LOSS_TYPES = ("mse", "l1")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -56,11 +58,10 @@ class RectifiedFlow:
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.velocity_weight, self.frame_dim = velocity_weight, frame_dim
 
-    def sample_time(self, batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.time_sampling == "uniform":
-            return torch.rand(batch, device=device, generator=generator)
-        n = torch.randn(batch, device=device, generator=generator)
-        return torch.sigmoid(n * self.logit_std + self.logit_mean)
+    def sample_time(self, batch: int, device=None, generator: Generators = None) -> torch.Tensor:
+        draw = torch.rand if self.time_sampling == "uniform" else torch.randn
+        t = per_row(lambda shape, g: draw(shape, device=device, generator=g), (batch,), generator)
+        return t if self.time_sampling == "uniform" else torch.sigmoid(t * self.logit_std + self.logit_mean)
 
     @staticmethod
     def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -71,10 +72,11 @@ class RectifiedFlow:
     def target(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         return x1 - x0
 
-    def draw(self, x1: torch.Tensor, generator: torch.Generator | None = None) -> FlowSample:
-        """Noise, time, x_t and target for a batch of data ``x1`` (batch first)."""
+    def draw(self, x1: torch.Tensor, generator: Generators = None) -> FlowSample:
+        """Noise, time, x_t and target for a batch of data ``x1`` (batch first); ``generator`` may be one per sample."""
         t = self.sample_time(x1.shape[0], device=x1.device, generator=generator)
-        x0 = torch.randn(x1.shape, device=x1.device, generator=generator).to(x1.dtype)
+        x0 = per_row(lambda shape, g: torch.randn(shape, device=x1.device, generator=g), x1.shape,
+                     generator).to(x1.dtype)
         return FlowSample(t=t, x0=x0, xt=self.interpolate(x0, x1, t), target=self.target(x0, x1))
 
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class ConditionDropout:
                   previous: float = 0.5) -> "ConditionDropout":
         return cls({"wa": audio, "wr": reference, "we": emotion, "prev_x": previous, "prev_wa": previous})
 
-    def __call__(self, conditions: Mapping[str, torch.Tensor | None], generator: torch.Generator | None = None
+    def __call__(self, conditions: Mapping[str, torch.Tensor | None], generator: Generators = None
                  ) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor]]:
         """Return (conditions with dropped rows zeroed, {name: bool mask of dropped rows})."""
         out = dict(conditions)
@@ -127,7 +129,8 @@ class ConditionDropout:
             value = conditions.get(name)
             if value is None:
                 continue
-            drop = torch.rand(value.shape[0], device=value.device, generator=generator) < p
+            drop = per_row(lambda shape, g: torch.rand(shape, device=value.device, generator=g), value.shape[:1],
+                           generator) < p
             rows = drop.reshape(-1, *([1] * (value.dim() - 1)))
             out[name] = torch.where(rows, torch.zeros_like(value), value)
             masks[name] = drop

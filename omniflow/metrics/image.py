@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omniflow.runtime.weights import read_weights_file, unreadable
+
 logger = logging.getLogger(__name__)
 
 PYTORCH_FID_INCEPTION_URL = (
@@ -108,11 +110,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights_file(path)
     if not isinstance(state, dict):
         raise WeightsFileError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
@@ -245,7 +243,10 @@ def _state_from_torchscript(path: Path, net: nn.Module) -> dict[str, torch.Tenso
 
     with warnings.catch_warnings():  # torch marks jit.load deprecated; it is the format these files use
         warnings.simplefilter("ignore", FutureWarning)
-        source = torch.jit.load(str(path), map_location="cpu").state_dict()
+        try:
+            source = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError as err:  # what TorchScript raises for a damaged archive
+            raise unreadable(path, err) from None
     convs = [k[: -len(".weight")] for k in source if k.endswith(".weight")]
     targets = [name for name, m in net.named_modules() if isinstance(m, BasicConv2d)]
     if len(convs) != len(targets):

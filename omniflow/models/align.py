@@ -29,8 +29,10 @@ from torch import nn
 
 from omniflow.data.images import to_model_range
 from omniflow.runtime.errors import CheckpointError, ConfigError
-from omniflow.runtime.export import load_export, load_state_dict_strict
+from omniflow.runtime.export import CONFIG_NAME, load_export, load_state_dict_strict
 from omniflow.runtime.hub import resolve_model_path
+from omniflow.runtime.paths import path_to_record, resolve_recorded
+from omniflow.runtime.weights import load_pretrained
 
 INPUT_TYPES = ("image", "latent")
 DIRECTIONS = ("vae1_to_vae2", "vae2_to_vae1")
@@ -66,7 +68,7 @@ def load_vae(path_or_id: str, subfolder: str | None = None, cache_dir: str | Non
     """
     folder = resolve_model_path(path_or_id, subfolder or None, cache_dir)
     try:
-        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype)
+        vae = load_pretrained(AutoencoderKL, folder, torch_dtype=dtype)
     except (OSError, ValueError) as err:  # diffusers reports missing/broken files as OSError
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VAELoadError(f"cannot load AutoencoderKL from {VAESource(path_or_id, subfolder)}: {reason}") from err
@@ -219,12 +221,26 @@ def latent_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "mse"
     elif loss_type == "l1":
         loss = F.l1_loss(pred, target)
     elif loss_type == "weighted_l1":
-        std = target.detach().std(dim=(0, 2, 3), keepdim=True)
-        weights = 1.0 / std.clamp_min(0.01 * std.mean())
-        loss = (weights / weights.mean() * (pred - target).abs()).mean()
+        weights = channel_weights(target.detach().std(dim=(0, 2, 3), keepdim=True))
+        loss = (weights * (pred - target).abs()).mean()
     else:
         raise AlignConfigError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     return loss_weight * loss
+
+
+def channel_weights(std: torch.Tensor) -> torch.Tensor:
+    """``weighted_l1``'s channel weights: inverse target std (floored at 1% of the mean std), mean 1."""
+    weights = 1.0 / std.clamp_min(0.01 * std.mean())
+    return weights / weights.mean()
+
+
+def set_latent_loss(squared_error: torch.Tensor, absolute_error: torch.Tensor, target_std: torch.Tensor,
+                    elements: torch.Tensor, loss_type: str = "mse", loss_weight: float = 1.0) -> torch.Tensor:
+    """:func:`latent_loss` of a whole set from its per-channel sums of squared and absolute errors,
+    with the set's per-channel target std in place of a batch's (``weighted_l1``)."""
+    per_channel = {"mse": squared_error, "l1": absolute_error,
+                   "weighted_l1": absolute_error * channel_weights(target_std)}[loss_type]
+    return loss_weight * per_channel.sum() / elements
 
 
 class AlignPipeline:
@@ -274,8 +290,10 @@ class AlignPipeline:
     def from_pretrained(cls, vae1_path: str, vae2_path: str, vae1_subfolder: str | None = None,
                         vae2_subfolder: str | None = None, cache_dir: str | None = None,
                         vae_dtype: torch.dtype = torch.float32, **kwargs) -> "AlignPipeline":
-        """Load both VAEs with :func:`load_vae` and build the pipeline (``kwargs`` as ``__init__``)."""
-        sources = VAESource(vae1_path, vae1_subfolder), VAESource(vae2_path, vae2_subfolder)
+        """Load both VAEs with :func:`load_vae` and build the pipeline (``kwargs`` as ``__init__``).
+        Local VAE folders are recorded as absolute paths: exports then load from any working directory."""
+        sources = (VAESource(path_to_record(vae1_path), vae1_subfolder),
+                   VAESource(path_to_record(vae2_path), vae2_subfolder))
         vae1, vae2 = (load_vae(s.path, s.subfolder, cache_dir, vae_dtype) for s in sources)
         return cls(vae1, vae2, vae1_source=sources[0], vae2_source=sources[1], **kwargs)
 
@@ -372,6 +390,9 @@ def load_aligned_pipeline(path: str | Path, cache_dir: str | None = None,
     if config.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path}: config.json has format {config.get('format')!r}, "
                               f"not an alignment export ({EXPORT_FORMAT})")
+    record = Path(path) / CONFIG_NAME if Path(path).is_dir() else Path(path).with_name(CONFIG_NAME)
+    for key in ("vae1", "vae2"):
+        config["pipeline"][key]["path"] = resolve_recorded(config["pipeline"][key]["path"], record)
     pipeline = AlignPipeline.from_config(config["pipeline"], cache_dir, vae_dtype)
     load_state_dict_strict(pipeline.module, state, str(path))
     return pipeline, config

@@ -15,54 +15,51 @@ from torchvision.utils import make_grid, save_image
 
 from omniflow.data.images import to_model_range
 from omniflow.metrics.image import psnr, ssim
-from omniflow.models.align import AlignPipeline, decode_latents
+from omniflow.models.align import AlignPipeline, decode_latents, set_latent_loss
 
 DIFFERENCE_GAIN = 4.0  # difference maps show |a - b| x 4 so that small errors are visible
 VIEW_COLUMNS = ("original", "vae1_reconstruction", "vae2_reconstruction", "aligned", "difference")
 
 
 class LatentMetrics:
-    """Sums over batches of prediction/target latents ``[B, C, h, w]``; :meth:`compute` averages.
+    """Sums over batches (and ranks) of prediction/target latents ``[B, C, h, w]``; :meth:`compute` averages.
 
-    ``latent_cosine`` is the cosine similarity of each flattened predicted latent with its target,
-    averaged over images. Channel statistics are over all images and positions.
+    Every value is a mean over the whole set, not over batch means, so it does not depend on how
+    the set was batched or dealt to ranks: ``latent_mse``; ``latent_cosine``, the cosine similarity
+    of each flattened predicted latent with its target averaged over images; channel statistics over
+    all images and positions; ``loss``, the pipeline's loss over the set (:func:`set_latent_loss`).
     """
 
-    def __init__(self, channels: int, device: torch.device | str = "cpu"):
-        self.channels = channels
-        # one float64 vector so that a single all-reduce sums everything across ranks:
-        # [squared error, elements, cosine, images, loss x images, positions] + 4 x C channel sums
-        self.sums = torch.zeros(6 + 4 * channels, dtype=torch.float64, device=device)
+    def __init__(self, channels: int, device: torch.device | str = "cpu", loss_type: str = "mse",
+                 loss_weight: float = 1.0):
+        self.channels, self.loss_type, self.loss_weight = channels, loss_type, loss_weight
+        # one float64 vector so that a single all-reduce sums everything across ranks: [cosine, images,
+        # positions] + per channel: squared error, absolute error, pred sum, pred squares, target sum, target squares
+        self.sums = torch.zeros(3 + 6 * channels, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         pred, target = pred.double(), target.double()
-        n, c = pred.shape[:2]
-        s = self.sums
-        s[0] += (pred - target).pow(2).sum()
-        s[1] += pred.numel()
-        s[2] += F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1).sum()
-        s[3] += n
-        s[4] += 0.0 if loss is None else float(loss) * n
-        s[5] += pred.numel() // c
-        channel = 6
-        for t in (pred, target):
-            s[channel:channel + c] += t.sum(dim=(0, 2, 3))
-            s[channel + c:channel + 2 * c] += t.pow(2).sum(dim=(0, 2, 3))
-            channel += 2 * c
+        error = pred - target
+        cosine = F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1).sum()
+        counts = torch.stack([cosine, cosine.new_tensor(len(pred)), cosine.new_tensor(pred[:, 0].numel())])
+        channels = [t.sum(dim=(0, 2, 3)) for t in (error.pow(2), error.abs(), pred, pred.pow(2), target, target.pow(2))]
+        self.sums += torch.cat([counts, *channels])
 
     def compute(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
         """Averages (after ``reduce_sum`` across ranks, e.g. ``lambda t: accelerator.reduce(t, "sum")``)."""
         s = reduce_sum(self.sums.clone()) if reduce_sum else self.sums
-        c, positions = self.channels, s[5].clamp_min(1)
-        result = {"latent_mse": (s[0] / s[1].clamp_min(1)).item(), "latent_cosine": (s[2] / s[3].clamp_min(1)).item(),
-                  "loss": (s[4] / s[3].clamp_min(1)).item(), "num_images": int(s[3].item())}
-        for i, name in enumerate(("pred", "target")):
-            total, squares = s[6 + 2 * c * i:6 + 2 * c * i + c], s[6 + 2 * c * i + c:6 + 2 * c * (i + 1)]
+        cosine, images, positions = s[0], s[1].clamp_min(1), s[2].clamp_min(1)
+        squared, absolute, pred_sum, pred_squares, target_sum, target_squares = s[3:].view(6, self.channels)
+        stats = {}
+        for name, total, squares in (("pred", pred_sum, pred_squares), ("target", target_sum, target_squares)):
             mean = total / positions
-            result[f"{name}_mean"] = mean.tolist()
-            result[f"{name}_std"] = (squares / positions - mean.pow(2)).clamp_min(0).sqrt().tolist()
-        return result
+            stats[f"{name}_mean"], stats[f"{name}_std"] = mean, (squares / positions - mean.pow(2)).clamp_min(0).sqrt()
+        elements = positions * self.channels
+        loss = set_latent_loss(squared, absolute, stats["target_std"], elements, self.loss_type, self.loss_weight)
+        return {"latent_mse": (squared.sum() / elements).item(), "latent_cosine": (cosine / images).item(),
+                "loss": loss.item(), "num_images": int(s[1].item()),
+                **{name: value.tolist() for name, value in stats.items()}}
 
 
 def channel_scalars(stats: dict, prefix: str) -> dict[str, float]:

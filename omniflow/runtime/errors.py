@@ -33,8 +33,10 @@ class NonFiniteLossError(OmniflowError, FloatingPointError):
     """A loss term became NaN or Inf; the message names the step and every term."""
 
 
-# Built-in exceptions whose message already says what and where (a path, a key).
-_USER_FACING = (OmniflowError, FileNotFoundError, NotADirectoryError, PermissionError)
+# Errors whose message already says what and where: ours, and OSError, which the OS and the libraries raise for
+# a file they cannot find or read (transformers and diffusers name a config.json that is not JSON, PIL an image).
+# Programming errors (TypeError, KeyError, ...) stay tracebacks.
+_USER_FACING = (OmniflowError, OSError)
 
 
 def run_main(main: Callable[[], object]) -> None:

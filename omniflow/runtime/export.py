@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .weights import read_weights_file
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -39,18 +40,18 @@ def export_weights(state_dict: dict[str, torch.Tensor], config: dict, out_dir: s
 def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """Read an export written by :func:`export_weights` (a directory, or its safetensors file)."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    weights = path if path.is_file() else folder / WEIGHTS_NAME
+    if path.is_dir():
+        folder, weights = path, path / WEIGHTS_NAME
+    elif path.is_file():
+        folder, weights = path.parent, path
+    else:  # never the parent folder's export: that is another model
+        raise FileNotFoundError(f"no export at {path}: no such folder or file")
     if not weights.is_file():
-        raise FileNotFoundError(f"no exported weights at {weights}")
+        raise FileNotFoundError(f"export folder {folder} has no {WEIGHTS_NAME}")
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"export {folder} has no {CONFIG_NAME}")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from None
-    return state, json.loads(config_file.read_text())
+    return read_weights_file(weights, device), json.loads(config_file.read_text())
 
 
 def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -9,6 +9,9 @@ Field metadata understood here:
   help     one-line help text (required)
   choices  allowed values
   aliases  extra flag spellings (e.g. ``["--save_interval"]``)
+
+A script may add its own spellings of any option (``aliases``: a seed's ``--save_dir`` for
+``--output_dir``) and values that stand for others (``synonyms``: ``float32`` for ``no``).
 """
 from __future__ import annotations
 
@@ -17,12 +20,29 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError
+
+# argparse (before Python 3.13) takes "-1e-3" for an option: its pattern of negative numbers has no exponent.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Flags only in full (an abbreviation such as --fmt_dept must fail, not set --fmt_depth), negative numbers
+    in any notation as values, and an error as one ConfigError line instead of the usage text and exit 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """Strip Optional[...]; return (inner type, is_optional)."""
@@ -43,11 +63,12 @@ def _str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
-def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hints: dict) -> None:
+def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hints: dict, aliases: Sequence[str],
+               synonyms: dict[str, Any]) -> None:
     meta = field.metadata
     if "help" not in meta:
         raise TypeError(f"option {field.name!r} has no help text")
-    names = [f"--{field.name}", *meta.get("aliases", [])]
+    names = [f"--{field.name}", *meta.get("aliases", []), *aliases]
     kwargs: dict[str, Any] = {"dest": field.name, "help": meta["help"], "default": argparse.SUPPRESS}
     tp, optional = _base_type(hints[field.name])
     origin = typing.get_origin(tp)
@@ -59,6 +80,10 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, hints:
         kwargs.update(nargs="*" if optional else "+", type=item)
     else:
         kwargs["type"] = tp
+    if synonyms:  # argparse converts before it checks the choices
+        convert = kwargs["type"]
+        kwargs["type"] = lambda text: synonyms[text] if text in synonyms else convert(text)
+        kwargs["help"] += " (also " + ", ".join(f"{k} = {v}" for k, v in synonyms.items()) + ")"
     if "choices" in meta:
         kwargs["choices"] = meta["choices"]
     kwargs["help"] += f" (default: {default!r})"
@@ -114,19 +139,26 @@ def parse_options(
     description: str | None = None,
     config_flags: Sequence[str] = ("--config",),
     config_values: dict | None = None,
+    aliases: dict[str, Sequence[str]] | None = None,
+    synonyms: dict[str, dict[str, Any]] | None = None,
 ):
     """Parse the command line into one instance of each dataclass in ``option_classes``.
 
     Precedence: dataclass defaults < ``config_values`` < the JSON file named by one of
-    ``config_flags`` (e.g. ``--config``, or a seed's ``--load_config``) < explicit flags.
-    Config files may use a field's name or any of its aliases as the key.
+    ``config_flags`` (e.g. ``--config``, or a seed's ``--load_config``) < explicit flags,
+    whichever spelling each uses. Config files may use a field's name or any of its aliases as
+    the key, one spelling per option; a null under an alias is skipped (a file saved when that
+    spelling was an option of its own holds it as null). ``aliases`` adds spellings per field name
+    (``{"output_dir": ["--save_dir"]}``), ``synonyms`` values per field name that stand for
+    others, on the command line and in files (``{"mixed_precision": {"float32": "no"}}``).
     Returns a single instance when one class is given, else a tuple in the same order.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = _ArgumentParser(description=description)
     parser.add_argument(*config_flags, dest="_config_file", default=None,
                         help="JSON file of option values; flags given on the command line override it")
     owners: dict[str, tuple[type, Any]] = {}
-    aliases: dict[str, str] = {}
+    spellings: dict[str, str] = {}  # alias key -> field name
+    aliases, synonyms = aliases or {}, synonyms or {}
     for cls in option_classes:
         hints = typing.get_type_hints(cls)
         group = parser.add_argument_group(cls.__name__)
@@ -134,9 +166,18 @@ def parse_options(
             if field.name in owners:
                 raise TypeError(f"option {field.name!r} is defined twice ({owners[field.name][0].__name__}, {cls.__name__})")
             owners[field.name] = (cls, hints[field.name])
-            aliases.update({a.lstrip("-"): field.name for a in field.metadata.get("aliases", [])})
-            _add_field(group, field, hints)
-    cli = vars(parser.parse_args(args))
+            extra = aliases.get(field.name, [])
+            spellings.update({a.lstrip("-"): field.name for a in [*field.metadata.get("aliases", []), *extra]})
+            _add_field(group, field, hints, extra, synonyms.get(field.name, {}))
+    unknown_aliases = set(aliases) - set(owners)
+    if unknown_aliases:
+        raise TypeError(f"aliases for unknown options {sorted(unknown_aliases)}")
+    namespace, unknown = parser.parse_known_args(args)
+    if unknown:
+        flags = [f"--{name}" for name in [*owners, *spellings]]
+        near = _nearest(unknown[0], flags) if unknown[0].startswith("-") else ""
+        parser.error(f"unrecognized argument {unknown[0]!r}{near}")
+    cli = vars(namespace)
     config_path = cli.pop("_config_file")
 
     values: dict[str, Any] = {}
@@ -144,11 +185,18 @@ def parse_options(
     if config_path:
         sources.append((str(config_path), load_config_file(config_path)))
     for source, data in sources:
+        keys: dict[str, str] = {}  # field name -> the key that set it in this source
         for key, value in data.items():
-            name = aliases.get(key, key)
+            name = spellings.get(key, key)
             if name not in owners:
                 raise ConfigError(f"{source}: unknown key {key!r}{_nearest(key, list(owners))}")
-            values[name] = _coerce(key, value, owners[name][1], source)
+            if key != name and value is None:
+                continue
+            if name in keys:
+                raise ConfigError(f"{source}: keys {keys[name]!r} and {key!r} both set option {name!r}; keep one")
+            keys[name] = key
+            value = _coerce(key, value, owners[name][1], source)
+            values[name] = synonyms[name].get(value, value) if name in synonyms else value
     values.update(cli)
 
     instances = []

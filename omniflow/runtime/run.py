@@ -2,9 +2,9 @@
 
 A script builds its models, optimizer and loader, then::
 
-    run = TrainingRun(train_opts, model_opts)
+    run = TrainingRun(train_opts, model_opts)   # checks --output_dir; writes nothing yet
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler)
-    run.resume(loader)
+    run.start(loader)                           # config.json, logs, trackers; restores a checkpoint
     for batch in run.batches(loader, max_steps):
         with run.accumulate(model):
             terms = compute_loss(model, batch)          # dict with a "loss" entry
@@ -12,29 +12,36 @@ A script builds its models, optimizer and loader, then::
         run.end_step(terms, samples=len(batch))
     run.finish()
 
-``end_step`` counts optimizer steps, stops on NaN/Inf with the step and every loss term named,
-logs averages (``metrics.jsonl``, TensorBoard/W&B, the log file), saves checkpoints every
-``--checkpointing_steps`` and when SIGTERM/SIGINT arrives, on all ranks together.
+``end_step`` counts optimizer steps, stops on NaN/Inf with the step and every loss term named and
+logs averages (``metrics.jsonl``, TensorBoard/W&B, the log file). Checkpoints are saved every
+``--checkpointing_steps`` and when SIGTERM/SIGINT arrives, on all ranks together, when the loop
+asks for the next batch: whatever the script did after ``end_step`` (validation, exports) is in them.
+
+An output folder holds one run: a folder with an earlier run's checkpoints or metrics is refused
+unless the run resumes it or ``--overwrite_output_dir`` is given (then that run's outputs are
+removed when this one starts). Nothing is written before :meth:`TrainingRun.start`, so a run that
+fails while loading its models leaves the folder as it was.
 """
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointManager, resolve_checkpoint
+from .checkpoint import CheckpointManager, checkpoint_step, list_checkpoints, resolve_checkpoint
 from .errors import ConfigError, NonFiniteLossError
-from .export import export_weights
+from .export import CONFIG_NAME, WEIGHTS_NAME, export_weights
 from .launch import REPORT_TO, build_accelerator, set_deepspeed_micro_batch
 from .options import options_dict, save_config
-from .tracking import MetricsWriter, Throughput, setup_logging
+from .tracking import MetricsWriter, Throughput, attach_log_file, buffer_logs, progress, setup_logging
 
 logger = logging.getLogger("omniflow")
 
@@ -58,6 +65,9 @@ class TrainingOptions:
     checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "keep at most N checkpoints"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "'latest' or a checkpoint directory to resume from"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start afresh in an --output_dir that holds an earlier run: its checkpoints, logs and exports are "
+                "removed when training starts"})
     logging_steps: int = field(default=10, metadata={
         "help": "log averaged loss terms every N optimizer steps", "aliases": ["--log_interval"]})
     report_to: str = field(default="tensorboard", metadata={"help": "experiment tracker", "choices": list(REPORT_TO)})
@@ -77,21 +87,21 @@ class TrainingRun:
     def __init__(self, opts: TrainingOptions, *other_options: Any, micro_batch_size: int | None = None):
         self.opts = opts
         self.output_dir = Path(opts.output_dir)
+        self._options = (*other_options, opts)
         self.accelerator = acc = build_accelerator(
             self.output_dir, mixed_precision=opts.mixed_precision,
             gradient_accumulation_steps=opts.gradient_accumulation_steps, report_to=opts.report_to,
             logging_dir=opts.logging_dir, seed=opts.seed, allow_tf32=opts.allow_tf32)
-        setup_logging(self.output_dir, acc.is_main_process)
+        setup_logging(None, acc.is_main_process)
+        self._early_logs = buffer_logs() if acc.is_main_process else None  # train.log is opened by start()
         if micro_batch_size is not None:
             set_deepspeed_micro_batch(acc, micro_batch_size)
-        if acc.is_main_process:
-            save_config(self.output_dir / "config.json", *other_options, opts)
-            logger.info("config written to %s", self.output_dir / "config.json")
-        if acc.log_with:
-            acc.init_trackers(opts.tracker_project_name, config=_scalars(options_dict(*other_options, opts)))
         logger.info("%d process(es), device %s, mixed precision %s", acc.num_processes, acc.device,
                     acc.mixed_precision)
         self.checkpoints = CheckpointManager(acc, self.output_dir, opts.checkpoints_total_limit)
+        self._resume_path = self._check_output_dir()
+        if self._resume_path is not None:
+            self.checkpoints.verify(self._resume_path)  # before models load: a bad checkpoint fails in seconds
         self.metrics = MetricsWriter(acc, self.output_dir)
         self.throughput = Throughput(acc)
         self.step = 0
@@ -100,7 +110,11 @@ class TrainingRun:
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._pending_signal: int | None = None
+        self._exit_signal: int | None = None
         self._bad_terms: dict[str, float] | None = None
+        self._save_due = False
+        self._grad_norms: dict[str, Any] = {}
+        self._derived: dict[str, Callable[[dict[str, float]], float]] = {}
         self._lrs: dict[str, float] = {}
         self._bar = None
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,21 +130,73 @@ class TrainingRun:
         return self.accelerator.is_main_process
 
     def prepare(self, *objects):
-        return self.accelerator.prepare(*objects)
+        """``accelerator.prepare``; the prepared models, optimizers and schedulers go into every checkpoint."""
+        prepared = self.accelerator.prepare(*objects)
+        self.checkpoints.track(*(prepared if isinstance(prepared, tuple) else (prepared,)))
+        return prepared
 
-    def resume(self, loader=None) -> int:
-        """Restore the latest/given checkpoint (models, optimizers, schedulers, RNG, data position)."""
+    def register_state(self, name: str, obj: Any) -> None:
+        """Checkpoint ``obj`` (``state_dict``/``load_state_dict`` of tensors, numbers, strings) with the run."""
+        self.checkpoints.register(name, obj)
+
+    def _check_output_dir(self) -> Path | None:
+        """Refuse a folder that holds another run (HF Trainer's rule) or cannot be written; returns the
+        checkpoint to resume (None: start from scratch)."""
+        out, opts = self.output_dir, self.opts
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output_dir {out} is a file, not a folder")
+        resume = resolve_checkpoint(out, opts.resume_from_checkpoint)
+        # "latest" without a checkpoint restarts a run that was stopped before its first save.
+        continues_this_folder = opts.resume_from_checkpoint == "latest" or (
+            resume is not None and resume.resolve().parent == out.resolve())
+        earlier = earlier_run_outputs(out)
+        if earlier and not continues_this_folder and not opts.overwrite_output_dir:
+            raise ConfigError(
+                f"--output_dir {out} holds an earlier run ({', '.join(earlier[:3])}): resume it with "
+                "--resume_from_checkpoint latest, choose a new --output_dir, or pass --overwrite_output_dir "
+                "to replace it")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()
+        except OSError as err:
+            raise ConfigError(f"--output_dir {out} is not writable ({err.strerror or err})") from None
+        return resume
+
+    def start(self, loader=None) -> int:
+        """Begin writing the run: config.json, train.log, trackers; restore the checkpoint to resume, if
+        any (models, optimizers, schedulers, registered states, RNG, data position). Returns the step."""
+        acc, out = self.accelerator, self.output_dir
         self._loader = loader
-        path = resolve_checkpoint(self.output_dir, self.opts.resume_from_checkpoint)
-        if path is None:
-            if self.opts.resume_from_checkpoint:
-                logger.info("no checkpoint in %s: starting from scratch", self.output_dir)
-            return 0
-        state = self.checkpoints.load(path)
-        self.step = int(state["step"])
-        if loader is not None and "loader" in state:
-            loader.load_state_dict(state["loader"])
+        resume = self._resume_path
+        if acc.is_main_process:
+            if resume is None or resume.resolve().parent != out.resolve():
+                if earlier_run_outputs(out):
+                    logger.warning("starting afresh: removing the outputs of the earlier run in %s", out)
+                clear_run_outputs(out, self.opts.logging_dir)
+            elif checkpoint_step(resume) is not None:
+                for later in list_checkpoints(out):
+                    if checkpoint_step(later) > checkpoint_step(resume):
+                        logger.warning("removing %s: this run continues from %s instead", later, resume.name)
+                        shutil.rmtree(later)
+            self.checkpoints.remove_incomplete()
+            attach_log_file(out, self._early_logs)
+            save_config(out / "config.json", *self._options)
+            logger.info("config written to %s", out / "config.json")
+        acc.wait_for_everyone()
+        if resume is not None:
+            state = self.checkpoints.load(resume)
+            self.step = int(state["step"])
+            window = state.get("log_window", {})
+            self._sums, self._counts, self._lrs = window.get("sums", {}), window.get("counts", {}), window.get("lrs", {})
+            if loader is not None and "loader" in state:
+                loader.load_state_dict(state["loader"])
+        elif self.opts.resume_from_checkpoint:
+            logger.info("no checkpoint in %s: starting from scratch", out)
         self.metrics.truncate_after(self.step)
+        if acc.log_with:
+            # TensorBoard hides the events an interrupted run wrote after the resumed step.
+            acc.init_trackers(self.opts.tracker_project_name, config=_scalars(options_dict(*self._options)),
+                              init_kwargs={"tensorboard": {"purge_step": self.step + 1}})
         return self.step
 
     # -- the loop -------------------------------------------------------------------------------
@@ -138,7 +204,16 @@ class TrainingRun:
         """Micro-batches until ``max_steps`` optimizer steps are done (or a signal stops the run)."""
         self._loader = loader
         if self.is_main:
-            self._bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            self._bar = progress(total=max_steps, initial=self.step, desc="train")
+        try:
+            yield from self._batches(loader, max_steps)
+        finally:  # also on an error: the bar's last line must not follow the error message
+            self._close_bar()
+        if self.stopped_by_signal:
+            self.accelerator.end_training()
+            sys.exit(128 + self._exit_signal)
+
+    def _batches(self, loader, max_steps: int) -> Iterator[Any]:
         while self.step < max_steps and not self.stopped_by_signal:
             # A checkpoint taken on an epoch's last batch resumes into an exhausted epoch: that is
             # not an empty data set, only one that yields nothing from the start of an epoch is.
@@ -147,14 +222,15 @@ class TrainingRun:
             for batch in loader:
                 empty = False
                 yield self._to_device(batch)
+                # The script's work after end_step (validation, best-model exports, EMA) is done by now:
+                # a checkpoint taken here holds all of this step.
+                if self._save_due:
+                    self.save_checkpoint()
+                    self._save_due = False
                 if self.step >= max_steps or self.stopped_by_signal:
                     break
             if empty and fresh_epoch:
                 raise ConfigError("the training data yielded no batch (too few samples for the batch size?)")
-        self._close_bar()
-        if self.stopped_by_signal:
-            self.accelerator.end_training()
-            sys.exit(128 + self._pending_signal)
 
     def accumulate(self, *models):
         return self.accelerator.accumulate(*models)
@@ -163,25 +239,36 @@ class TrainingRun:
                           max_grad_norm: float | None = None, lr_name: str = "lr") -> torch.Tensor | None:
         """Backward; on a sync step clip, step the optimizer, then the scheduler (once, if not skipped).
 
-        The learning rate used for this step is logged as ``lr_name`` by the next :meth:`end_step`.
+        The learning rate used for this step and the gradient norm before clipping are logged by the
+        next :meth:`end_step` (as ``lr_name`` and ``grad_norm``, or ``grad_norm_<x>`` for ``lr_<x>``).
         """
         acc = self.accelerator
         self._lrs[lr_name] = optimizer.param_groups[0]["lr"]
         acc.backward(loss)
         grad_norm = None
-        clip = self.opts.max_grad_norm if max_grad_norm is None else max_grad_norm
-        if acc.sync_gradients and clip > 0:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), clip)
+        if acc.sync_gradients:
+            clip = self.opts.max_grad_norm if max_grad_norm is None else max_grad_norm
+            # An infinite clip still measures the norm (DeepSpeed clips inside its step and reports it).
+            grad_norm = acc.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
         optimizer.step()
-        if scheduler is not None and acc.sync_gradients and not acc.optimizer_step_was_skipped:
-            scheduler.step()
+        if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+            if scheduler is not None:
+                scheduler.step()
+            if grad_norm is not None:  # an fp16 step skipped for overflow has an infinite norm by design
+                self._grad_norms[lr_name.replace("lr", "grad_norm", 1)] = grad_norm
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def derive(self, name: str, compute: Callable[[dict[str, float]], float]) -> None:
+        """Log ``name = compute(averaged terms)`` with each log line (e.g. perplexity = exp(mean CE): the
+        mean of per-step exp(CE) is dominated by the worst step)."""
+        self._derived[name] = compute
 
     def end_step(self, terms: dict[str, Any], samples: int, tokens: int = 0, **extra: Any) -> bool:
         """Book-keeping after each micro-batch. Returns True when an optimizer step just completed."""
         values = {k: float(v.detach().float().item() if isinstance(v, torch.Tensor) else v)
-                  for k, v in {**terms, **extra}.items() if v is not None}
+                  for k, v in {**terms, **extra, **self._grad_norms}.items() if v is not None}
+        self._grad_norms = {}
         bad = not all(math.isfinite(v) for v in values.values())
         if bad:
             self._bad_terms = values
@@ -190,24 +277,21 @@ class TrainingRun:
             self._accumulate(values)
             return False
         self.step += 1
-        stop, any_bad = self._sync_flags(self._bad_terms is not None)
+        signum, any_bad = self._sync_flags(self._bad_terms is not None)
         if any_bad:
             self._close_bar()
-            bad_terms = self._bad_terms or {}
-            shown = ", ".join(f"{k}={v:.6g}" for k, v in bad_terms.items()) or "on another rank"
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step}: {shown}; the last good checkpoint is kept in {self.output_dir}")
+            raise NonFiniteLossError(self._non_finite_message())
         self._accumulate(values)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
+            self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
         if self.step % self.opts.logging_steps == 0:
             self._flush_logs()
-        if self.step % self.opts.checkpointing_steps == 0 or stop:
-            self.save_checkpoint()
-        if stop:
-            self.stopped_by_signal = True
-            logger.warning("stopped by signal at step %d; resume with --resume_from_checkpoint latest", self.step)
+        self._save_due = self.step % self.opts.checkpointing_steps == 0 or bool(signum)
+        if signum:
+            self.stopped_by_signal, self._exit_signal = True, signum
+            logger.warning("stopped by signal %d at step %d; resume with --resume_from_checkpoint latest", signum,
+                           self.step)
         return True
 
     def at_interval(self, every: int | None) -> bool:
@@ -220,7 +304,10 @@ class TrainingRun:
         logger.info("step %d: %s", self.step, _fmt(values))
 
     def save_checkpoint(self) -> Path:
-        state = {"loader": self._loader.state_dict()} if self._loader is not None else {}
+        # The terms averaged since the last log line, so that a resumed run logs the same averages.
+        state = {"log_window": {"sums": self._sums, "counts": self._counts, "lrs": self._lrs}}
+        if self._loader is not None:
+            state["loader"] = self._loader.state_dict()
         return self.checkpoints.save(self.step, state)
 
     def export(self, model: torch.nn.Module, config: dict, out_dir: str | Path) -> Path | None:
@@ -265,24 +352,62 @@ class TrainingRun:
             t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=self.device)
             t = self.accelerator.reduce(t, reduction="mean")
             means = dict(zip(keys, t.tolist()))
+        means.update({name: compute(means) for name, compute in self._derived.items()})
         means.update(self._lrs)
         means.update(self.throughput.rates())
         self.log(means)
         self._sums, self._counts, self._lrs = {}, {}, {}
 
-    def _sync_flags(self, bad: bool) -> tuple[bool, bool]:
-        stop = self._pending_signal is not None
+    def _sync_flags(self, bad: bool) -> tuple[int, bool]:
+        """(the signal to stop for, 0 if none; whether any rank saw a non-finite term), agreed by all ranks:
+        a SIGTERM that reaches one rank stops every rank at the same step."""
+        signum = self._pending_signal or 0
         if self.accelerator.num_processes == 1:
-            return stop, bad
-        flags = torch.tensor([float(stop), float(bad)], device=self.device)
-        flags = self.accelerator.reduce(flags, reduction="sum")
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+            return signum, bad
+        flags = torch.tensor([signum, int(bad)], device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
+
+    def _non_finite_message(self) -> str:
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in (self._bad_terms or {}).items()) or "on another rank"
+        message = f"non-finite loss at step {self.step}: {shown}"
+        kept = list_checkpoints(self.output_dir)
+        if not kept:
+            return f"{message}; no checkpoint was saved in {self.output_dir}"
+        message += f"; the last checkpoint is {kept[-1]}"
+        if checkpoint_step(kept[-1]) == self.step - 1:
+            message += (f", which holds the update of step {self.step - 1}, the one just before this loss: if that "
+                        "update overflowed, resuming from it repeats this; resume from an earlier checkpoint or "
+                        "with a lower learning rate")
+        return message
 
     def _on_signal(self, signum, frame) -> None:
         if self._pending_signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self._pending_signal = signum
         logger.warning("received signal %d: saving a checkpoint after this step", signum)
+
+
+def earlier_run_outputs(output_dir: Path) -> list[str]:
+    """Names in ``output_dir`` that show an earlier run: its checkpoints and its metrics log."""
+    found = [p.name for p in list_checkpoints(output_dir)]
+    return found + (["metrics.jsonl"] if (output_dir / "metrics.jsonl").is_file() else [])
+
+
+def clear_run_outputs(output_dir: Path, logging_dir: str) -> None:
+    """Remove what a run writes into its folder: checkpoints, logs, config, exports (folders holding
+    model.safetensors + config.json), samples and visualisations. Anything else is left alone."""
+    if not output_dir.is_dir():
+        return
+    tracker_dir = (output_dir / logging_dir).resolve()
+    for entry in output_dir.iterdir():
+        is_export = (entry / WEIGHTS_NAME).is_file() and (entry / CONFIG_NAME).is_file()
+        if (checkpoint_step(entry) is not None or entry.name.startswith("checkpoint-") and entry.suffix == ".tmp"
+                or entry.name in RUN_FILES or is_export or entry.resolve() == tracker_dir):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+RUN_FILES = ("metrics.jsonl", "train.log", "config.json", "best_metrics.jsonl", "samples", "visualizations")
 
 
 def _scalars(config: dict) -> dict:
@@ -299,4 +424,4 @@ def optimizer_steps(num_batches_per_epoch: int, num_epochs: int, accumulation: i
     return max(1, num_epochs * num_batches_per_epoch // accumulation)
 
 
-__all__ = ["TrainingOptions", "TrainingRun", "optimizer_steps"]
+__all__ = ["TrainingOptions", "TrainingRun", "clear_run_outputs", "earlier_run_outputs", "optimizer_steps"]

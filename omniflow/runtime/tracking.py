@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .errors import DataError
 
 logger = logging.getLogger("omniflow")
+
+
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
 def setup_logging(output_dir: str | Path | None, is_main: bool, log_name: str = "train.log") -> None:
@@ -21,24 +29,58 @@ def setup_logging(output_dir: str | Path | None, is_main: bool, log_name: str = 
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if is_main else logging.WARNING)
-    console.setFormatter(fmt)
+    console.setFormatter(_FORMAT)
     logger.addHandler(console)
     if output_dir is not None and is_main:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(output_dir) / log_name)
-        file_handler.setLevel(logging.DEBUG)
-        file_handler.setFormatter(fmt)
-        logger.addHandler(file_handler)
+        attach_log_file(output_dir, log_name=log_name)
     for noisy in ("diffusers", "datasets", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not sys.stderr.isatty():  # in a log file the libraries' bars ("Loading weights") are thousands of lines
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        for module, disable in (("huggingface_hub.utils", "disable_progress_bars"),
+                                ("transformers.utils.logging", "disable_progress_bar"),
+                                ("diffusers.utils.logging", "disable_progress_bar")):
+            if module in sys.modules:
+                getattr(sys.modules[module], disable)()
     # transformers warns with a key table whenever one tower of a two-tower CLIP checkpoint is loaded.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import datasets  # its per-split progress bars drown the training log
 
     datasets.disable_progress_bars()
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", initial: int = 0, disable: bool = False,
+             unit: str = "it"):
+    """A tqdm bar on stderr; when stderr is not a terminal (a log file, a batch job) it writes a line at
+    most every 30 s instead of at every step."""
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, unit=unit,
+                dynamic_ncols=interactive, mininterval=0.1 if interactive else 30.0, ascii=not interactive)
+
+
+def buffer_logs() -> logging.handlers.MemoryHandler:
+    """Keep log records in memory until :func:`attach_log_file` (a run writes no file before it starts)."""
+    buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+    buffer.setLevel(logging.DEBUG)
+    logger.addHandler(buffer)
+    return buffer
+
+
+def attach_log_file(output_dir: str | Path, buffered: logging.handlers.MemoryHandler | None = None,
+                    log_name: str = "train.log") -> None:
+    """Log everything (DEBUG up) to ``<output_dir>/<log_name>``, starting with the ``buffered`` records."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(Path(output_dir) / log_name)
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(_FORMAT)
+    if buffered is not None:
+        buffered.setTarget(file_handler)
+        buffered.flush()
+        logger.removeHandler(buffered)
+        buffered.close()
+    logger.addHandler(file_handler)
 
 
 class MetricsWriter:
@@ -49,11 +91,25 @@ class MetricsWriter:
         self.path = Path(output_dir) / filename
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so curves do not double back."""
+        """On resume, drop lines logged after the checkpoint so curves do not double back, and a torn
+        last line (what a kill or a full disk leaves mid-write)."""
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise DataError(f"{self.path}: line {number} is not JSON (only a torn last line is dropped)")
+                logger.warning("%s: dropping a torn last line (%d characters)", self.path, len(line))
+                break
+            if record["step"] <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, values: dict[str, float], step: int) -> None:
         if not self.accelerator.is_main_process:

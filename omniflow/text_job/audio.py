@@ -18,6 +18,7 @@ from transformers.audio_utils import mel_filter_bank
 from ..models.omniflow.errors import MissingComponentError
 from ..models.omniflow.loading import from_pretrained
 from ..runtime.hub import MissingModelError, resolve_model_path
+from ..runtime.noise import Generators
 
 SAMPLE_RATE = 16_000
 N_FFT = 1024
@@ -58,7 +59,7 @@ class AudioLatentEncoder:
 
     @torch.no_grad()
     def encode(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: Generators = None) -> torch.Tensor:
         device, dtype = self.vae.device, self.vae.dtype
         mel = log_mel_spectrogram(waveforms.to(device), lengths)
         posterior = self.vae.encode(mel[:, None].to(dtype)).latent_dist

@@ -4,7 +4,8 @@
 ``<output_dir>/final_head/`` (last step): ``model.safetensors`` + ``config.json`` holding the stack's
 config plus ``model_path``, ``step`` and ``val_loss``. ``--checkpoint`` takes such a folder, its
 safetensors file, a training output folder (its ``best_head/`` is used), a glob matching one of
-these (``'checkpoints/x/best_*'``), or ``none`` for the released ``text_output``.
+these (``'checkpoints/x/best_*'``; the seed's ``best_*.pt`` is read as ``best_*``), or ``none`` for the
+released ``text_output``.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def resolve_head_checkpoint(spec: str | None) -> Path | None:
     if spec is None or spec.strip().lower() in (NO_HEAD, ""):
         return None
     matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+    if not matches and spec.endswith(".pt"):  # the seed's 'best_*.pt' names the best head: best_head/ here
+        matches = sorted(glob.glob(spec[:-3]))
     if not matches:
-        raise FileNotFoundError(f"--checkpoint {spec}: no file or folder matches")
+        raise FileNotFoundError(f"--checkpoint {spec}: no file or folder matches (train_text.py exports heads as "
+                                f"<output_dir>/{BEST_HEAD}/ and <output_dir>/{FINAL_HEAD}/)")
     if len(matches) > 1:
         raise CheckpointError(f"--checkpoint {spec} matches {len(matches)} paths ({', '.join(matches[:4])}); "
                               "name one")

@@ -27,6 +27,8 @@ from ..data.text import tokenize_batch
 from ..models.omniflow.loading import load_omniflow
 from ..models.omniflow.pipeline import OmniFlowPipeline, StreamInputs
 from ..models.text_heads import TextHeadStack, text_decoder_loss
+from ..runtime import noise
+from ..runtime.noise import Generators
 from .audio import AudioLatentEncoder, load_audio_encoder
 
 BASE_COMPONENTS = ("transformer", "text_vae", "scheduler")
@@ -43,12 +45,6 @@ class HeadTerms:
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     num_tokens: int
-
-
-def _randn(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """fp32 Gaussian noise drawn on the generator's device (the global RNG without one)."""
-    draw_on = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=draw_on).to(device)
 
 
 class TextJobModel:
@@ -91,7 +87,7 @@ class TextJobModel:
         ).float()
 
     # ----- conditions -----
-    def conditions(self, batch: dict, generator: torch.Generator | None = None) -> StreamInputs:
+    def conditions(self, batch: dict, generator: Generators = None) -> StreamInputs:
         """Per-example image/audio streams and pooled vectors: the condition clean at t = 0, the rest absent."""
         tasks = batch["task"]
         size = len(tasks)
@@ -104,26 +100,27 @@ class TextJobModel:
         rows = [i for i, task in enumerate(tasks) if task == "image_to_text"]
         if rows:
             pictures = [to_pil_image(batch["image"][i].cpu()) for i in rows]
-            image[rows], pooled[rows] = self.pipe.encode_images(pictures, generator)
+            image[rows], pooled[rows] = self.pipe.encode_images(pictures, noise.rows_of(generator, rows))
             image_t[rows] = 0.0
         rows = [i for i, task in enumerate(tasks) if task == "audio_to_text"]
         if rows:
             if self.audio_encoder is None:
                 raise ValueError("audio_to_text examples need the audio encoder: load the model with that task")
             waves = batch["audio"][rows]
-            audio[rows] = self.audio_encoder.encode(waves, batch["audio_lengths"][rows], generator).to(audio.dtype)
+            audio[rows] = self.audio_encoder.encode(waves, batch["audio_lengths"][rows],
+                                                     noise.rows_of(generator, rows)).to(audio.dtype)
             audio_t[rows] = 0.0
         return StreamInputs(image, image_t, audio, audio_t, pooled)
 
     # ----- training -----
     @torch.no_grad()
-    def text_features(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_features(self, batch: dict, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(text_hidden [B, 32, joint] of the noised target latent under the batch's conditions, x0 [B, 32, 64])."""
         x0 = self.text_vae.encode(list(batch["text"])).float()
         size = x0.shape[0]
         timesteps = self.scheduler.sample_train_timesteps(size, generator, shift=self.noise_shift).to(self.device)
         sigma = timesteps / self.scheduler.config.num_train_timesteps
-        x_t = self.scheduler.add_noise(x0, _randn(x0.shape, generator, self.device), sigma)
+        x_t = self.scheduler.add_noise(x0, noise.randn(x0.shape, generator, self.device), sigma)
         cond = self.conditions(batch, generator)
         output = self.transformer(
             hidden_states=cond.image, encoder_hidden_states=self.pipe.pad_text(x_t).to(self.pipe.dtype),
@@ -132,10 +129,12 @@ class TextJobModel:
         )
         return output.text_hidden, x0
 
-    def head_terms(self, stack: torch.nn.Module, batch: dict, generator: torch.Generator | None = None) -> HeadTerms:
+    def head_terms(self, stack: torch.nn.Module, batch: dict, generator: Generators = None) -> HeadTerms:
         """The head's loss on a batch: decoder cross-entropy + the stack's auxiliary terms (see module doc).
 
-        ``stack`` may be wrapped for distributed training; its forward is called through the wrapper."""
+        ``stack`` may be wrapped for distributed training; its forward is called through the wrapper.
+        ``generator``: one for the batch, or one per example (validation: an example's noise then does
+        not depend on the batch it is in)."""
         features, x0 = self.text_features(batch, generator)
         head = stack(features.float())
         target = tokenize_batch(list(batch["text"]), self.tokenizer, self.max_length)
@@ -146,7 +145,7 @@ class TextJobModel:
         aux = extract_model_from_parallel(stack).auxiliary_losses(
             head, x0, prefix_proj=self.text_vae.input_proj, latent_scale=self.text_vae.vae_scale)
         loss = decoded.loss + aux["aux_loss"]
-        terms = {"loss": loss, "ce": decoded.loss, "perplexity": decoded.perplexity,
+        terms = {"loss": loss, "ce": decoded.loss,
                  "token_accuracy": decoded.token_accuracy, "latent_mse": aux["latent_mse"], **head.stats}
         if extract_model_from_parallel(stack).vq is not None:
             terms["vq_loss"] = aux["vq_loss"]

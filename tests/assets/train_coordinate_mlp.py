@@ -19,6 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from omniflow.data import ResumableLoader
 from omniflow.runtime.errors import run_main
+from omniflow.runtime.export import load_export, load_state_dict_strict
 from omniflow.runtime.options import parse_options
 from omniflow.runtime.run import TrainingOptions, TrainingRun, optimizer_steps
 
@@ -29,7 +30,9 @@ class CoordOptions:
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
     num_epochs: int = field(default=1, metadata={"help": "epochs when --max_train_steps is unset"})
     image_size: int = field(default=16, metadata={"help": "side of the downscaled photo"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout after the first hidden layer"})
     streaming: bool = field(default=False, metadata={"help": "read the data as a streaming IterableDataset"})
+    init_weights: str = field(default="", metadata={"help": "start from these exported weights (an export folder)"})
     nan_at_step: int = field(default=0, metadata={"help": "test hook: make the loss NaN at this step"})
     sleep_per_step: float = field(default=0.0, metadata={"help": "test hook: seconds to sleep per step"})
 
@@ -41,6 +44,23 @@ def build_dataset(size: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"coord": coords.tolist(), "rgb": image.reshape(-1, 3).tolist()})
 
 
+class LossHistory:
+    """Script state a checkpoint must carry (as BestEval/EarlyStopping in the product scripts): the
+    lowest loss and the number of steps seen, tensors and numbers mixed."""
+
+    def __init__(self):
+        self.lowest, self.steps = torch.tensor(math.inf), 0
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.lowest, self.steps = torch.minimum(self.lowest, loss.detach().cpu()), self.steps + 1
+
+    def state_dict(self) -> dict:
+        return {"lowest": self.lowest, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lowest, self.steps = state["lowest"], state["steps"]
+
+
 def collate(rows):
     return {"coord": torch.tensor([r["coord"] for r in rows]), "rgb": torch.tensor([r["rgb"] for r in rows])}
 
@@ -48,10 +68,13 @@ def collate(rows):
 def main():
     opts, train_opts = parse_options(CoordOptions, TrainingOptions)
     run = TrainingRun(train_opts, opts, micro_batch_size=opts.batch_size)
+    run.derive("rmse", lambda means: math.sqrt(means["loss"]))
     acc = run.accelerator
     torch.manual_seed(train_opts.seed)  # identical initial weights on every rank
-    model = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Dropout(0.1),
+    model = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Dropout(opts.dropout),
                                 torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 3))
+    if opts.init_weights:
+        load_state_dict_strict(model, load_export(opts.init_weights)[0], opts.init_weights)
     dataset = build_dataset(opts.image_size)
     if opts.streaming:
         dataset = dataset.to_iterable_dataset(num_shards=4)
@@ -62,7 +85,9 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=max_steps)
     model, optimizer, scheduler = run.prepare(model, optimizer, scheduler)
-    run.resume(loader)
+    history = LossHistory()
+    run.register_state("loss_history", history)
+    run.start(loader)
     for batch in run.batches(loader, max_steps):
         with run.accumulate(model):
             pred = model(batch["coord"])
@@ -70,10 +95,12 @@ def main():
             if opts.nan_at_step and run.step + 1 == opts.nan_at_step:
                 loss = loss * math.nan
             run.backward_and_step(loss, model, optimizer, scheduler)
-        run.end_step({"loss": loss}, samples=len(batch["rgb"]))
+        if run.end_step({"loss": loss}, samples=len(batch["rgb"])):
+            history.update(loss)
         if opts.sleep_per_step:
             time.sleep(opts.sleep_per_step)
-    run.export(model, {"layers": [2, 64, 64, 3]}, os.path.join(train_opts.output_dir, "final"))
+    run.export(model, {"layers": [2, 64, 64, 3], "lowest_loss": history.lowest.item(), "steps_seen": history.steps},
+               os.path.join(train_opts.output_dir, "final"))
     run.finish()
 
 

@@ -14,6 +14,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2PreTrainedMod
 
 from ...runtime.errors import DataError
 from ...runtime.hub import from_pretrained_kwargs, resolve_model_path
+from ...runtime.weights import load_pretrained
 from .config import FloatConfig
 from .io import FloatPretrainedMixin
 
@@ -51,12 +52,12 @@ def load_audio_backbone(name_or_path: str) -> Wav2Vec2Model:
     """The frozen wav2vec2 of a folder or hub id (e.g. ``facebook/wav2vec2-base-960h``), found
     by :func:`omniflow.runtime.hub.resolve_model_path`: offline, a missing model names the
     ``download_models.py --models wav2vec2_base`` command."""
-    return Wav2Vec2Model.from_pretrained(resolve_model_path(name_or_path), **from_pretrained_kwargs())
+    return load_pretrained(Wav2Vec2Model, resolve_model_path(name_or_path), **from_pretrained_kwargs())
 
 
 def load_emotion_classifier(name_or_path: str) -> "SpeechEmotionClassifier":
     """The speech-emotion classifier of a folder or hub id (``download_models.py --models wav2vec2_emotion``)."""
-    return SpeechEmotionClassifier.from_pretrained(resolve_model_path(name_or_path), **from_pretrained_kwargs())
+    return load_pretrained(SpeechEmotionClassifier, resolve_model_path(name_or_path), **from_pretrained_kwargs())
 
 
 class WaveformNormalizer:

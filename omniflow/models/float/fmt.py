@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ...flow.guidance import GuidanceScales, guided_velocity
 from ...flow.rectified_flow import ConditionDropout, FlowLoss, RectifiedFlow
 from ...flow.sampler import FlowSampler, sample_in_windows
+from ...runtime.noise import Generators
 from .config import FloatConfig
 from .io import FloatPretrainedMixin
 
@@ -250,7 +251,7 @@ class FlowMatchingTransformer(FloatPretrainedMixin, nn.Module):
 
     def training_loss(self, flow: RectifiedFlow, dropout: ConditionDropout, x1: torch.Tensor, wa: torch.Tensor,
                       wr: torch.Tensor, we: torch.Tensor, prev_x: torch.Tensor, prev_wa: torch.Tensor,
-                      generator: torch.Generator | None = None) -> FlowLoss:
+                      generator: Generators = None) -> FlowLoss:
         """Rectified-flow loss on a window of motion latents ``x1`` (B, L, dim_w).
 
         Draws t and noise, drops conditions per sample, and scores the velocity of the window

@@ -16,6 +16,7 @@ from torch import nn
 from ...flow.guidance import GuidanceScales
 from ...flow.rectified_flow import ConditionDropout, RectifiedFlow
 from ...flow.sampler import FlowSampler
+from ...runtime.noise import Generators
 from .audio import AudioFeatureError, audio_projection
 from .config import FloatConfig
 from .fmt import FlowMatchingTransformer
@@ -70,11 +71,12 @@ class FloatMotionGenerator(FloatPretrainedMixin, nn.Module):
         return head(features.to(head[0].weight.dtype))
 
     def forward(self, flow: RectifiedFlow, dropout: ConditionDropout, batch: Mapping[str, torch.Tensor],
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: Generators = None) -> dict[str, torch.Tensor]:
         """Loss terms on a batch of :class:`~omniflow.data.float_shards.FloatWindowDataset` windows.
 
         Windows at a clip start (``has_prev`` 0) get zero previous frames and zero previous
-        audio condition, as the first window of a generated sequence does.
+        audio condition, as the first window of a generated sequence does. ``generator`` may be
+        one per window (validation).
         """
         keep = batch["has_prev"].reshape(-1, 1, 1).to(batch["motion"].dtype)
         wa = self.project_audio(batch["audio"])

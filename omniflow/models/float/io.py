@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import ClassVar, Mapping
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ...runtime.errors import CheckpointError
 from ...runtime.export import export_weights, load_export, load_state_dict_strict
+from ...runtime.weights import read_weights_file
 
 # torch >= 2.1 parametrised weight norm <-> the names in released (torch 2.0) checkpoints
 WEIGHT_NORM_NAMES = {"weight_g": "parametrizations.weight.original0",
@@ -62,12 +62,7 @@ def read_release_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"FLOAT checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip errors have many types; report them as one
-        raise CheckpointMismatchError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    state = read_weights_file(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"{path}: expected a flat dict of parameter name -> tensor")
     return state

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ...runtime.weights import open_safetensors, read_weights_file
 from .errors import CheckpointError, MissingComponentError
 
 logger = logging.getLogger(__name__)
@@ -65,13 +65,10 @@ def weight_files(folder: str | Path) -> list[Path]:
 def open_weights(path: Path) -> Iterator[dict[str, "_LazyTensor"]]:
     """Maps each key of one weight file to a lazy tensor (shape/dtype known, data read on ``load()``)."""
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as handle:
+        with open_safetensors(path) as handle:
             yield {k: _LazyTensor(handle.get_slice(k), lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
         return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises several types for corrupt or non-weights pickles
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file ({err})") from None
+    state = read_weights_file(path, mmap=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
     yield {k: _LazyTensor(v, lambda v=v: v) for k, v in state.items()}
@@ -284,10 +281,7 @@ def load_ema_weights(path: str | Path, transformer: nn.Module, text_vae: nn.Modu
     path = Path(path)
     if not path.is_file():
         raise MissingComponentError(f"EMA weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file ({err})") from None
+    state = read_weights_file(path, mmap=True)
     shadow = state.get("shadow_params") if isinstance(state, dict) else None
     if not isinstance(shadow, list):
         raise CheckpointError(f"{path}: expected a dict with a 'shadow_params' list (diffusers EMAModel state)")

@@ -28,6 +28,7 @@ from transformers import (
 
 from .checkpoint import EMA_NAME, load_ema_weights, load_omniflow_weights
 from ...runtime.hub import MissingModelError, resolve_model_path
+from ...runtime.weights import load_pretrained
 from .errors import MissingComponentError, OmniFlowConfigError
 from .scheduler import FlowMatchEulerScheduler
 from .text_vae import OmniFlowTextVAE
@@ -67,7 +68,7 @@ def from_pretrained(cls, path_or_id: str | Path, subfolder: str | None = None, *
     """
     folder = _resolve(path_or_id, subfolder, models_dir)
     try:
-        return cls.from_pretrained(str(folder), **kwargs)
+        return load_pretrained(cls, folder, **kwargs)
     except OSError as err:
         raise MissingComponentError(f"cannot load {cls.__name__} from {folder} ({str(err).splitlines()[0]})") from None
 

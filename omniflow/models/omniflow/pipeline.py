@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torchvision import transforms
 
+from ...runtime import noise
+from ...runtime.noise import Generators
 from .loading import OmniFlowComponents, load_omniflow
 from .transformer import AUDIO_LATENT_SHAPE, OmniFlowTransformerOutput
 
@@ -97,19 +99,17 @@ class OmniFlowPipeline:
     def _full(self, batch: int, value: float) -> torch.Tensor:
         return torch.full((batch,), value, device=self.device)
 
-    def _randn(self, shape, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _randn(self, shape, generator: Generators, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Gaussian noise drawn on the generator's device (a CPU generator works for a GPU pipeline)."""
-        device = generator.device if generator is not None else self.device
-        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        return noise.to(self.device, dtype or self.dtype)
+        return noise.randn(shape, generator, self.device, dtype or self.dtype)
 
-    def absent_image(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def absent_image(self, batch: int, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Random image latents at t = 1000 (an image stream that carries no information)."""
         size = self.image_size // self.vae_scale
         shape = (batch, self.transformer.config.in_channels, size, size)
         return self._randn(shape, generator), self._full(batch, ABSENT_T)
 
-    def absent_audio(self, batch: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def absent_audio(self, batch: int, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Random audio latents at t = 1000."""
         return self._randn((batch, *AUDIO_LATENT_SHAPE), generator), self._full(batch, ABSENT_T)
 
@@ -126,7 +126,7 @@ class OmniFlowPipeline:
         return pooled
 
     @torch.no_grad()
-    def encode_images(self, images: list, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_images(self, images: list, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         """PIL images -> (VAE latent sample x scaling_factor [B, C, h, w], pooled vector with the CLIP-L image
         embedding in its leading dims). As released, no shift factor is subtracted."""
         vae, clip, processor = self.components.vae, self.components.clip_vision, self.components.clip_image_processor

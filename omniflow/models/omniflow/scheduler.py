@@ -12,6 +12,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ...runtime.noise import Generators, per_row
+
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Resolution shift: ``shift * s / (1 + (shift - 1) * s)``; pushes the schedule towards noise for shift > 1."""
@@ -53,12 +55,11 @@ class FlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = (sigmas * n).to(device)
         self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)
 
-    def sample_train_timesteps(
-        self, batch_size: int, generator: torch.Generator | None = None, shift: float = 1.0
-    ) -> torch.Tensor:
-        """Draws ``batch_size`` training timesteps uniformly from the table shifted by ``shift`` (default 1)."""
+    def sample_train_timesteps(self, batch_size: int, generator: Generators = None, shift: float = 1.0) -> torch.Tensor:
+        """Draws ``batch_size`` training timesteps uniformly from the table shifted by ``shift`` (default 1);
+        ``generator`` may be one per timestep."""
         timesteps, _ = self.train_table(shift)
-        index = torch.randint(0, len(timesteps), (batch_size,), generator=generator)
+        index = per_row(lambda shape, g: torch.randint(0, len(timesteps), shape, generator=g), (batch_size,), generator)
         return timesteps[index]
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 :class:`VQValidator` computes PSNR, SSIM, LPIPS, rFID, the codebook usage and perplexity of the
 codes over the whole validation set (sums, code counts and Inception statistics are reduced
-over ranks, so each rank may hold a different number of images) and an original |
+over ranks, so ranks may hold different numbers of images) and an original |
 reconstruction grid. :class:`BestMetrics` remembers the best value of each metric and which
 step reached it, in ``best_metrics.jsonl``, so a resumed run knows what its exports must beat.
 """
@@ -21,6 +21,7 @@ from torchvision.utils import make_grid
 
 from omniflow.data.video import frames_to_model_input
 from omniflow.metrics.image import FID_FEATURE_DIM, CodebookUsage, FIDMetric, GaussianStats, build_lpips, psnr, ssim
+from omniflow.runtime.tracking import progress
 
 from .base import VQTokenizer
 
@@ -54,7 +55,7 @@ class VQValidator:
     def evaluate(self, model: VQTokenizer, loader: Iterable) -> tuple[dict[str, float], torch.Tensor | None]:
         """(metrics, grid): metrics identical on every rank; the grid (3, H, W) in [0, 1] on the main rank.
 
-        ``model`` is the bare module (not its DDP wrapper): ranks may see different numbers of batches.
+        ``model`` is the bare module (not its DDP wrapper): validation runs no collective per batch.
         """
         device = self.accelerator.device
         was_training = model.training
@@ -64,7 +65,7 @@ class VQValidator:
         if self.fid is not None:
             self.fid.fake = GaussianStats(FID_FEATURE_DIM, device)
         shown: list[torch.Tensor] = []
-        for batch in loader:
+        for batch in progress(loader, desc="validation", unit="batch", disable=not self.accelerator.is_main_process):
             x = frames_to_model_input(batch["frames"].to(device, non_blocking=True))
             with self.accelerator.autocast():
                 vq_loss, recon, _, indices = model(x)

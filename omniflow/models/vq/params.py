@@ -223,6 +223,9 @@ def load_param_json(path: str | Path) -> VQParams:
     train = _section(source, "train_args", top["train_args"], {**_TRAIN_DEFAULTS, **dict.fromkeys(_RUNTIME_TYPES)},
                      {**_TRAIN_TYPES, **_RUNTIME_TYPES})
     given_train = dict(top["train_args"])
+    for key in ("lr", "disc_lr", "lr_decay", "lr_decay_steps"):  # checked here, before any model is built
+        if not (isinstance(train[key], (int, float)) and train[key] > 0):
+            raise ParamConfigError(f"{source}: train_args.{key} must be a number > 0, got {train[key]!r}")
     unused = [key for key in _UNUSED_DATA_KEYS if data[key] is not None]
     if unused:
         logger.info("%s: data_args %s are not used here (accelerate assigns devices and shards)", source, unused)

@@ -18,6 +18,8 @@ import lpips
 import torch
 import torchvision
 
+from omniflow.runtime.weights import read_weights_file
+
 log = logging.getLogger(__name__)
 
 BACKBONE_URLS = {
@@ -42,14 +44,7 @@ def cached_backbone_path(net: str) -> Path:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PerceptualWeightsError(f"LPIPS backbone weights not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file gets the same one-line explanation
-        raise PerceptualWeightsError(f"cannot read LPIPS backbone weights {path}: {err}") from err
+    state = read_weights_file(path)
     if not isinstance(state, dict):
         raise PerceptualWeightsError(f"LPIPS backbone weights {path} hold a {type(state).__name__}, not a state dict")
     return state
