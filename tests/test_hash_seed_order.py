@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 # Seeds under which Python's set order once dropped a different key from the message (issue 22).
-HASH_SEEDS = ("0", "18", "19", "22", "29")
+HASH_SEEDS = ("0", "18", "19")
 
 MISMATCH_PROGRAM = """
 import torch

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from omniflow.metrics.wordnet import install_wordnet, is_installed, wn_source_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +40,7 @@ def test_install_copies_lf_files_and_is_idempotent(tmp_path):
     assert is_installed(tmp_path) and (target / "index.sense").stat().st_size > 1_000_000
 
 
+@pytest.mark.slow
 def test_cli_install_then_check(tmp_path):
     first = _cli("install", "--dir", str(tmp_path))
     assert first.returncode == 0, first.stderr
