@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import extract_model_from_parallel, send_to_device
 from torch.utils.data import Subset
 from transformers import get_cosine_schedule_with_warmup
 
 from omniflow.data import ResumableLoader
 from omniflow.data.text import build_eval_datasets, build_train_dataset, collate_examples, load_data_config
 from omniflow.models.text_heads import TextHeadOptions
+from omniflow.models.vq.quantizers import perplexity_from_counts
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.launch import autocast_dtype, frozen_init_context
 from omniflow.runtime.noise import sample_generators
@@ -93,9 +94,12 @@ SUMS = ("ce", "accuracy", "tokens", "aux", "examples")
 
 
 @torch.no_grad()
-def validation_sums(job: TextJobModel, stack, loaders: dict, seed: int, device) -> torch.Tensor:
-    """This rank's sums (:data:`SUMS`, one row per set); each example has its own noise, seeded by its index."""
+def validation_sums(job: TextJobModel, stack, loaders: dict, seed: int, device,
+                    num_codes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's sums (:data:`SUMS`, one row per set; each example has its own noise, seeded by its index)
+    and how often each of the ``num_codes`` VQ codes was picked over all sets."""
     sums = torch.zeros(len(loaders), len(SUMS), dtype=torch.float64, device=device)
+    code_counts = torch.zeros(num_codes, dtype=torch.float64, device=device)
     for k, loader in enumerate(loaders.values()):
         for indices, batch in loader.indexed():
             out = job.head_terms(stack, send_to_device(batch, device), sample_generators(seed, indices))
@@ -103,28 +107,36 @@ def validation_sums(job: TextJobModel, stack, loaders: dict, seed: int, device) 
             sums[k] += torch.tensor([ce * tokens, out.terms["token_accuracy"].item() * tokens, tokens,
                                      (out.loss.item() - ce) * len(indices), len(indices)], dtype=torch.float64,
                                     device=device)
-    return sums
+            if out.codes is not None:
+                code_counts += torch.bincount(out.codes.flatten(), minlength=num_codes)
+    return sums, code_counts
 
 
-def validation_values(names: list[str], sums: torch.Tensor) -> dict[str, float]:
-    """The logged values of summed :data:`SUMS`: the loss is the token-mean CE plus the example-mean auxiliary loss."""
+def validation_values(names: list[str], sums: torch.Tensor, code_counts: torch.Tensor) -> dict[str, float]:
+    """The logged values of summed :data:`SUMS`: the loss is the token-mean CE plus the example-mean auxiliary loss;
+    with VQ, the share of codes used and the code perplexity over the whole validation set."""
     ce, accuracy, tokens, aux, examples = sums.sum(0)
     values = {"val/loss": ce / tokens + aux / examples, "val/ce": ce / tokens, "val/token_accuracy": accuracy / tokens}
     values["val/perplexity"] = math.exp(min(float(values["val/ce"]), 50.0))
     for name, (ce, _, tokens, aux, examples) in zip(names, sums):
         values[f"val/{name}/loss"] = ce / tokens.clamp(min=1) + aux / examples.clamp(min=1)
+    if code_counts.numel():
+        values["val/vq_usage"] = (code_counts > 0).double().mean()
+        values["val/vq_perplexity"] = perplexity_from_counts(code_counts)
     return {key: float(value) for key, value in values.items()}
 
 
 def validate(job: TextJobModel, stack, loaders: dict, run: TrainingRun, seed: int) -> dict[str, float]:
     """Loss terms over the evaluation sets, summed over ranks; the same noise at every evaluation."""
+    vq = extract_model_from_parallel(stack).vq
     stack.eval()
     with run.accelerator.autocast():
-        sums = validation_sums(job, stack, loaders, seed, run.device)
+        sums, code_counts = validation_sums(job, stack, loaders, seed, run.device,
+                                            vq.quantizer.num_codes if vq is not None else 0)
     if run.accelerator.num_processes > 1:
-        sums = run.accelerator.reduce(sums, reduction="sum")
+        sums, code_counts = run.accelerator.reduce((sums, code_counts), reduction="sum")
     stack.train()
-    return validation_values(list(loaders), sums)
+    return validation_values(list(loaders), sums, code_counts)
 
 
 def previous_best(output_dir: Path, resumed_step: int) -> float:

@@ -149,8 +149,10 @@ def test_refiner_output_is_what_the_decoder_receives():
 
 # ---- VQ codebook head ----
 
-def vq_with_codes(codes: torch.Tensor, beta: float = 0.25, dead_code_steps: int = 0) -> VQCodebookHead:
-    vq = VQCodebookHead(codes.shape[1], num_codes=codes.shape[0], beta=beta, dead_code_steps=dead_code_steps)
+def vq_with_codes(codes: torch.Tensor, beta: float = 0.25, dead_code_steps: int = 0,
+                  restart_pool: int = 0) -> VQCodebookHead:
+    vq = VQCodebookHead(codes.shape[1], num_codes=codes.shape[0], beta=beta, dead_code_steps=dead_code_steps,
+                        restart_pool=restart_pool)
     with torch.no_grad():
         vq.quantizer.embedding.weight.copy_(codes)
     vq.quantizer.initialized.fill_(True)
@@ -195,7 +197,7 @@ def test_vq_distances_in_fp32_under_bf16_autocast():
 def test_vq_restarts_dead_codes_from_recent_head_outputs():
     codes = torch.full((8, 4), 100.0)
     codes[0] = 0.0
-    vq = vq_with_codes(codes, dead_code_steps=2).train()
+    vq = vq_with_codes(codes, dead_code_steps=2, restart_pool=0).train()
     torch.manual_seed(0)
     first, second = torch.randn(2, 2, 5, 4) * 0.1
     vq(first)
@@ -205,8 +207,30 @@ def test_vq_restarts_dead_codes_from_recent_head_outputs():
     assert torch.equal(weight[0], codes[0])  # a used code stays
     rows = second.reshape(-1, 4)
     for code in weight[1:]:
-        assert (rows == code).all(dim=1).any(), "a dead code must be re-seeded with a recent head output"
+        assert (rows == code).all(dim=1).any(), "without a pool, a dead code is re-seeded from the current batch"
     assert vq.quantizer.unused_steps.tolist() == [0] * 8
+
+
+def test_vq_restart_pool_keeps_the_latest_head_outputs_across_steps():
+    """The pool is a ring buffer of the last N token vectors: restarts draw from earlier batches too (a batch
+    has far fewer vectors than the codebook has codes), never from outputs older than N, and it is model
+    state, so that a resumed run restarts codes from the same vectors."""
+    codes = torch.full((64, 4), 100.0)
+    codes[0] = 0.0
+    vq = vq_with_codes(codes, dead_code_steps=1, restart_pool=12).train()
+    batches = [torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(i)) * 0.1 for i in range(3)]
+    for batch in batches:
+        used_last = set(vq(batch).indices.flatten().tolist())  # codes the last step kept
+    quantizer = vq.quantizer
+    latest = torch.cat([b.reshape(-1, 4) for b in batches])[-12:]  # the first batch's first 3 rows fell out
+    assert int(quantizer.pool_filled) == 12
+    assert sorted(map(tuple, quantizer.pool.tolist())) == sorted(map(tuple, latest.tolist()))
+    restarted = [code for i, code in enumerate(quantizer.embedding.weight.detach()) if i not in used_last]
+    assert all((latest == code).all(dim=1).any() for code in restarted)
+    from_earlier = [code for code in restarted if not (batches[-1].reshape(-1, 4) == code).all(dim=1).any()]
+    assert from_earlier, "restarts must also draw on earlier batches' outputs"
+    state = vq.state_dict()
+    assert {"quantizer.pool", "quantizer.pool_filled", "quantizer.pool_next"} <= set(state)
 
 
 def test_vq_perplexity_and_usage():

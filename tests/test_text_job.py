@@ -132,8 +132,10 @@ def validate_in_one_process(world, head, max_eval_samples: int) -> dict[str, flo
     opts = script["TextTrainOptions"](model_path=str(world.model), data_config=str(world.data["mixed"]),
                                       batch_size=2, max_eval_samples=max_eval_samples)
     loaders = script["eval_loaders"](config, opts, rank=0, world_size=1)
-    sums = script["validation_sums"](job, load_text_head_stack(head), loaders, seed=0, device="cpu")
-    return script["validation_values"](list(loaders), sums)
+    stack = load_text_head_stack(head)
+    num_codes = stack.vq.quantizer.num_codes if stack.vq is not None else 0
+    sums, code_counts = script["validation_sums"](job, stack, loaders, seed=0, device="cpu", num_codes=num_codes)
+    return script["validation_values"](list(loaders), sums, code_counts)
 
 
 # Memorisation per task: data config, training flags, sampling flags. Texts are sampled for the training
@@ -167,6 +169,31 @@ def test_head_learns_and_its_generations_improve(world, tmp_path, task):
     table = json.loads(scores.read_text())["overall"]
     print(task, table, [r["prediction"] for r in json.loads(predictions["after"].read_text())])
     assert table["after.json"]["rouge"] > table["before.json"]["rouge"], table
+
+
+def test_the_shipped_vq_head_learns_like_the_baseline(world, tmp_path):
+    """configs/text_head/vq.json (8192 codes), scaled down only in batch and steps, lowers the cross-entropy (first
+    training step to final validation) by at least 70% of what the baseline achieves in the same 40 steps (104%
+    measured; 17% with the restarts it had before, after 100 unused steps from the current batch), with its codebook
+    statistics over the whole validation set; distinct sentences still give distinct texts (no collapse)."""
+    reductions = {}
+    for name in ("baseline", "vq"):
+        out = tmp_path / name
+        run_script("train_text.py", "--config", REPO / f"configs/text_head/{name}.json", *world.model_args(),
+                   "--data_config", world.data["example"], "--batch_size", "4", "--max_train_steps", "40",
+                   "--lr_warmup_steps", "0", "--lr", "1e-3", "--mixed_precision", "no", "--no-gradient_checkpointing",
+                   "--eval_interval", "40", "--log_interval", "1", "--report_to", "none", "--output_dir", out)
+        rows = metrics(out)
+        validation = [row for row in rows if "val/ce" in row][-1]
+        reductions[name] = rows[0]["ce"] - validation["val/ce"]
+    assert reductions["vq"] >= 0.7 * reductions["baseline"], reductions
+    assert 0 < validation["val/vq_usage"] <= 1 and 1 <= validation["val/vq_perplexity"] <= 8192
+    predictions = tmp_path / "predictions.json"
+    run_script("generate_text.py", *world.model_args(), "--data_config", world.data["example"], "--split", "train",
+               "--strength", "0.1", "--num_inference_steps", "10", "--max_new_tokens", "20",
+               "--checkpoint", tmp_path / "vq/best_head", "--output", predictions)
+    sentences = [r["prediction"] for r in json.loads(predictions.read_text()) if r["task"] == "text"]
+    assert len(sentences) == 4 and len(set(sentences)) == 4, sentences
 
 
 @pytest.mark.parametrize("name", ["baseline", "refiner", "vq", "vq_refiner"])

@@ -48,6 +48,12 @@ def build_world(root: Path) -> TinyWorld:
                      "streaming": name == "streaming", **splits} for n, task, folder, limit in sets]
         data[name] = root / f"{name}.json"
         data[name].write_text(json.dumps({"datasets": datasets, "image_size": 64, "max_length": 40}))
+    # run_example.sh's embedded default over this world's sample data: 4 photos and 4 sentences, scored on themselves.
+    example = json.loads((REPO / "configs/text_head/tiny_example_data.json").read_text())
+    for spec in example["datasets"]:
+        spec["source"] = str(folders[{"photos": "photos", "sonnets": "shakespeare"}[spec["name"]]])
+    data["example"] = root / "example.json"
+    data["example"].write_text(json.dumps(example))
     return TinyWorld(root, paths.model_path, paths.models_dir, data)
 
 

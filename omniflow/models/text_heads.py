@@ -50,9 +50,12 @@ class TextHeadOptions:
     vq_codebook_size: int = field(default=8192, metadata={"help": "number of codes in the VQ codebook"})
     vq_commitment_beta: float = field(default=0.25, metadata={
         "help": "weight beta of the commitment term beta*||z - sg(e)||^2 that pulls the head output to its code"})
-    vq_dead_code_steps: int = field(default=100, metadata={
+    vq_dead_code_steps: int = field(default=1, metadata={
         "help": "re-seed a code from recent head outputs after it went unused for this many "
                 "training steps (counted over all ranks); 0 disables restarts"})
+    vq_restart_pool: int = field(default=1024, metadata={
+        "help": "how many of the latest head outputs (token vectors) dead codes are re-seeded from; "
+                "0: the current batch only"})
     use_latent_refiner: bool = field(default=False, metadata={
         "help": "residual MLP on the latents, applied before decoding (starts as the identity)"})
     latent_refiner_hidden_dim: int = field(default=256, metadata={"help": "hidden width of the LatentRefiner MLP"})
@@ -67,7 +70,7 @@ class TextHeadOptions:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vq_commitment_beta", "vq_dead_code_steps", "latent_mse_weight"):
+        for name in ("vq_commitment_beta", "vq_dead_code_steps", "vq_restart_pool", "latent_mse_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.use_vq_codebook and not self.use_text_decoder_head:
@@ -167,15 +170,22 @@ class VQCodebookHead(nn.Module):
     """Nearest-code quantisation of per-token head outputs [B, T, codebook_dim].
 
     Uses the shared :class:`~omniflow.models.vq.quantizers.VectorQuantizer`: fp32 distances with
-    autocast off, straight-through estimator, codes seeded from the first training batch, dead
-    codes re-seeded from the current batch. In training the code histogram (hence perplexity and
-    usage) is summed over ranks and restarts are broadcast from rank 0; in eval it is per rank.
+    autocast off, straight-through estimator, codes seeded from the first training batch. A batch
+    holds only B x 32 token vectors, far fewer than the 8192 codes, so a code unused for
+    ``dead_code_steps`` steps is re-seeded from the last ``restart_pool`` head outputs: the codebook
+    then follows the head as it trains, which a codebook learnt by gradient cannot at a small learning
+    rate (benchmarks/bench_vq_heads.py: restarted after 100 steps from the current batch, the
+    8192-code head barely lowered its cross-entropy in 40 steps; an EMA codebook and the rotation
+    trick did no better). In training the code histogram (hence perplexity and usage) is summed over
+    ranks and restarts are broadcast from rank 0; in eval it is per rank, and ``indices`` let a caller
+    count codes over a whole validation set.
     """
 
     def __init__(self, codebook_dim: int, num_codes: int = 8192, beta: float = 0.25,
-                 dead_code_steps: int = 100) -> None:
+                 dead_code_steps: int = 1, restart_pool: int = 1024) -> None:
         super().__init__()
-        self.quantizer = VectorQuantizer(num_codes, codebook_dim, beta=beta, dead_code_steps=dead_code_steps)
+        self.quantizer = VectorQuantizer(num_codes, codebook_dim, beta=beta, dead_code_steps=dead_code_steps,
+                                         restart_pool=restart_pool)
 
     def forward(self, z: torch.Tensor) -> VQHeadOutput:
         # The quantizer works on (B, C, H, W) maps: tokens become a W=1 column.
@@ -195,6 +205,7 @@ class HeadOutput:
     kind: str  # "latent": D = latent_dim, goes through the prefix projection; "prefix": D = LM hidden
     vq_loss: torch.Tensor  # fp32 scalar, zero without VQ
     stats: dict[str, torch.Tensor]  # detached scalars to log (vq_perplexity, vq_usage)
+    codes: torch.Tensor | None = None  # [B, T] VQ code indices, None without VQ
 
 
 class TextHeadStack(nn.Module):
@@ -234,7 +245,8 @@ class TextHeadStack(nn.Module):
             self.text_output.requires_grad_(False)
             self.kind, width = "latent", latent_dim
         self.vq = (VQCodebookHead(width, options.vq_codebook_size, options.vq_commitment_beta,
-                                  options.vq_dead_code_steps) if options.use_vq_codebook else None)
+                                  options.vq_dead_code_steps, options.vq_restart_pool)
+                   if options.use_vq_codebook else None)
         self.refiner = (LatentRefiner(width, options.latent_refiner_hidden_dim, options.latent_refiner_layers)
                         if options.use_latent_refiner else None)
 
@@ -246,13 +258,14 @@ class TextHeadStack(nn.Module):
         x = self.head(features) if self.head is not None else self.text_output(features)
         vq_loss = torch.zeros((), device=features.device)
         stats: dict[str, torch.Tensor] = {}
+        codes = None
         if self.vq is not None:
             vq = self.vq(x)
-            x, vq_loss = vq.quantized, vq.loss
+            x, vq_loss, codes = vq.quantized, vq.loss, vq.indices
             stats = {"vq_perplexity": vq.perplexity.detach(), "vq_usage": vq.usage.detach()}
         if self.refiner is not None:
             x = self.refiner(x)
-        return HeadOutput(x, self.kind, vq_loss, stats)
+        return HeadOutput(x, self.kind, vq_loss, stats, codes)
 
     def auxiliary_losses(self, output: HeadOutput, target_latent: torch.Tensor, prefix_proj: nn.Linear | None = None,
                          latent_scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -295,7 +308,8 @@ class TextHeadStack(nn.Module):
         unknown = sorted(set(config["options"]) - names)
         if unknown:
             raise ConfigError(f"text-heads config has unknown options {unknown}")
-        options = TextHeadOptions(**config["options"])
+        # Heads exported before the restart pool existed were trained (and stored) without one.
+        options = TextHeadOptions(**{"vq_restart_pool": 0, **config["options"]})
         in_dim, latent_dim = config["in_dim"], config["latent_dim"]
         # The frozen baseline stores its text_output copy in the weights; a placeholder holds its place.
         placeholder = None if options.use_text_decoder_head else nn.Linear(in_dim, latent_dim)

@@ -45,6 +45,7 @@ class HeadTerms:
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     num_tokens: int
+    codes: torch.Tensor | None = None  # [B, T] VQ code indices of the head, None without VQ
 
 
 class TextJobModel:
@@ -149,7 +150,7 @@ class TextJobModel:
                  "token_accuracy": decoded.token_accuracy, "latent_mse": aux["latent_mse"], **head.stats}
         if extract_model_from_parallel(stack).vq is not None:
             terms["vq_loss"] = aux["vq_loss"]
-        return HeadTerms(loss, terms, int(decoded.num_tokens))
+        return HeadTerms(loss, terms, int(decoded.num_tokens), head.codes)
 
     # ----- sampling -----
     def generate(self, batch: dict, stack: TextHeadStack | None = None, *, guidance_scale: float | None = None,

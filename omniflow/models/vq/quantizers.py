@@ -79,6 +79,10 @@ class VectorQuantizer(nn.Module):
             training steps (summed over ranks); 0 disables restarts.
         init_from_data: on the first training step, set every code to a random encoder
             output of that batch; codes far from the data would otherwise never be picked.
+        restart_pool: restart dead codes from the last ``restart_pool`` encoder outputs of
+            training (rank 0's, kept in a ring buffer that checkpoints hold) instead of the
+            current batch only: a small batch of a few hundred vectors would otherwise fill
+            thousands of codes with copies of itself. 0: the current batch.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class VectorQuantizer(nn.Module):
         l2_normalize: bool = False,
         dead_code_steps: int = 0,
         init_from_data: bool = True,
+        restart_pool: int = 0,
     ) -> None:
         super().__init__()
         if num_codes < 1 or input_dim < 1:
@@ -105,6 +110,12 @@ class VectorQuantizer(nn.Module):
         self.out_proj = nn.Linear(self.code_dim, input_dim) if factorised else nn.Identity()
         if dead_code_steps > 0:
             self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long))
+        if restart_pool < 0:
+            raise VQConfigError(f"restart_pool must be >= 0, got {restart_pool}")
+        if restart_pool:  # ring buffer: rows written so far (up to the size), and where the next one goes
+            self.register_buffer("pool", torch.zeros(restart_pool, self.code_dim))
+            self.register_buffer("pool_filled", torch.zeros((), dtype=torch.long))
+            self.register_buffer("pool_next", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not init_from_data))
         self._init_codebook()
 
@@ -165,13 +176,25 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 all_reduce_sum(counts)
                 self._update_codebook(flat.detach(), counts, indices)
+                source = self._remember(flat.detach()) if hasattr(self, "pool") else flat.detach()
                 if self.dead_code_steps > 0:
-                    self._restart_dead_codes(flat.detach(), counts)
+                    self._restart_dead_codes(source, counts)
             perplexity = perplexity_from_counts(counts)
 
         quantized = flat + (quantized - flat).detach()  # straight-through estimator
         out = self.out_proj(quantized).reshape(b, h, w, self.input_dim).permute(0, 3, 1, 2)
         return QuantizerOutput(out.contiguous().to(z.dtype), loss, indices.reshape(b, h, w), perplexity)
+
+    @torch.no_grad()
+    def _remember(self, flat: torch.Tensor) -> torch.Tensor:
+        """Write ``flat`` into the pool (the newest rows if it holds more); returns the filled part."""
+        size = self.pool.shape[0]
+        rows = flat[-size:].to(self.pool.dtype)
+        slots = (self.pool_next + torch.arange(rows.shape[0], device=rows.device)) % size
+        self.pool[slots] = rows
+        self.pool_next.copy_((self.pool_next + rows.shape[0]) % size)
+        self.pool_filled.clamp_(max=size - rows.shape[0]).add_(rows.shape[0])
+        return self.pool[:int(self.pool_filled)]
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, global_counts: torch.Tensor) -> None:
