@@ -19,7 +19,7 @@ from runtime_helpers import REPO, env
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO toolkit's jars need Java on PATH")
 SCORE_KEYS = ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge", "cider", "sacrebleu"]
 
-# COCO-style captions, 3 to 5 references each, with capitals, punctuation, brackets, a repeated word.
+# 12 COCO-style captions, 3 to 5 references each, with capitals, punctuation, brackets, a repeated word.
 RECORDS = [
     {"id": "beach", "task": "image_to_text", "prediction": "A man is riding a horse on the beach.",
      "references": ["A man rides a horse along the beach.", "A person on horseback at the seaside.",
@@ -38,6 +38,24 @@ RECORDS = [
     {"id": "sonnet", "task": "text", "prediction": "Shall I compare thee to a summer's day?",
      "references": ["Shall I compare thee to a summer's day?", "Shall I liken you to a day in summer?",
                     "Thou art more lovely and more temperate."]},
+    {"id": "kitchen", "task": "image_to_text", "prediction": "A kitchen with a stove, a sink and wooden cabinets.",
+     "references": ["A kitchen with wooden cabinets and a stove.", "a small kitchen with a sink and an oven",
+                    "Wooden cupboards above a white stove.", "The kitchen has a sink, stove and refrigerator."]},
+    {"id": "tennis", "task": "image_to_text", "prediction": "a woman swinging a tennis racket",
+     "references": ["A woman swings her racket at a tennis ball.", "A tennis player hitting the ball.",
+                    "a female tennis player on a court"]},
+    {"id": "giraffes", "task": "image_to_text", "prediction": "Two giraffes standing next to a tree.",
+     "references": ["Two giraffes stand by a tall tree.", "A pair of giraffes eating leaves from a tree",
+                    "giraffes near a tree in a zoo enclosure", "Two giraffes in the grass beside trees."]},
+    {"id": "laptop", "task": "image_to_text", "prediction": "a cat sleeping on the keyboard of a laptop",
+     "references": ["A cat lying on a laptop keyboard.", "A grey cat sleeps on an open laptop.",
+                    "the cat is napping on the computer"]},
+    {"id": "winter", "task": "text", "prediction": "Now is the winter of our discontent",
+     "references": ["Now is the winter of our discontent.", "This is the winter of our discontent",
+                    "Our discontented winter is now."]},
+    {"id": "rose", "task": "text", "prediction": "A rose by any other name would smell as sweet",
+     "references": ["That which we call a rose by any other name would smell as sweet.",
+                    "A rose would smell as sweet by any other name.", "Any other name, and a rose smells as sweet."]},
 ]
 WORSE = [{**r, "prediction": "a picture of something"} for r in RECORDS]
 
@@ -112,7 +130,7 @@ def test_numbers_are_the_coco_toolkits_per_file_and_task(tmp_path, meteor):
     assert lines[0] == ("| predictions | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr-D "
                         "| sacreBLEU-4 (13a) | samples |")
     assert lines[2] == "| mlp_head/predictions.json | " + " | ".join(
-        [f"{got[k]:.4f}" for k in SCORE_KEYS[:-1]] + [f"{got['sacrebleu']:.2f}", "6"]) + " |"
+        [f"{got[k]:.4f}" for k in SCORE_KEYS[:-1]] + [f"{got['sacrebleu']:.2f}", str(len(RECORDS))]) + " |"
     assert "the COCO caption toolkit's numbers (pycocoevalcap 1.2" in result.stdout
     assert [line for line in lines if line.endswith(":")] == ["image_to_text:", "text:"]
 
