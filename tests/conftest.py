@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def text_world(tmp_path_factory):
+    """The text job's tiny OmniFlow (decoder fitted) and sample data, built once for the modules that read it."""
+    from text_job_helpers import build_world
+
+    return build_world(tmp_path_factory.mktemp("text_world"))

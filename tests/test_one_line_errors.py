@@ -17,7 +17,6 @@ from omniflow.models.float import EMOTION_LABELS
 from omniflow.models.float.audio import load_emotion_classifier
 from omniflow.runtime.export import export_weights
 from runtime_helpers import REPO, error_line, run_script, truncated
-from text_job_helpers import build_world
 from vq_helpers import TRAIN_SCRIPT as TRAIN_VQ
 from vq_helpers import tiny_config as vq_config
 from vq_helpers import write_vq_data
@@ -29,8 +28,8 @@ TRUNCATED = "truncated, corrupt or not a weights file"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("text_world"))
+def world(text_world):
+    return text_world
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from omniflow.text_job.audio import FRAMES, N_MELS, load_audio_encoder, log_mel_
 from omniflow.text_job.checkpoints import resolve_head_checkpoint
 from omniflow.text_job.model import TextJobModel
 from runtime_helpers import REPO, assert_pickle_free, error_line, metrics
-from text_job_helpers import build_world, run_script, train_rows
+from text_job_helpers import run_script, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ GENERATE = ["--max_samples", "2", "--batch_size", "2", "--num_inference_steps", 
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("text_job"))
+def world(text_world):
+    return text_world
 
 
 @pytest.fixture(scope="module")
