@@ -27,10 +27,8 @@ if [ -d models/OmniFlow-v0.5 ]; then
 else
   echo "models/OmniFlow-v0.5 not found: running the embedded default (tiny OmniFlow + sample data, built offline; memorises 4 photo captions and 4 Sonnet sentences and scores texts sampled for those same examples, not a benchmark)"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the tiny models gain nothing from more threads
-  [ -f data/sample/shakespeare/train.jsonl ] || $PYTHON -m omniflow.data.sample_text --output_dir data/sample > /dev/null
+  $PYTHON -m omniflow.text_job.example | sed '/^model/d'  # builds data/sample and models/tiny-fitted once
   TINY=models/tiny-fitted
-  [ -f $TINY/OmniFlow-tiny/transformer/config.json ] || $PYTHON scripts/make_tiny_omniflow.py --output_dir $TINY \
-    --fit_decoder_on data/sample/photos/validation.jsonl data/sample/shakespeare/train.jsonl | tail -1
   MODEL=(--model_path $TINY/OmniFlow-tiny --models_dir $TINY/models)
   DATA=configs/text_head/tiny_example_data.json
   OUT=checkpoints/text_decoder_head_test/tiny_mlp_head

@@ -10,11 +10,8 @@ the x0 predictor (a 64-d head) and as the source of the final decoder prefix, op
 classifier-free guidance, then KV-cached greedy or beam decoding. --checkpoint none scores the
 released model. Writes a JSON list of {"id", "task", "dataset", "prediction", "references"}.
 """
-import json
 import logging
-import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,7 +20,7 @@ from omniflow.data import ResumableLoader
 from omniflow.data.text import build_eval_datasets, collate_examples, load_data_config
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.options import parse_options
-from omniflow.runtime.tracking import progress, setup_logging
+from omniflow.runtime.tracking import progress, setup_logging, write_json_atomic
 from omniflow.text_job.checkpoints import load_head_for, resolve_head_checkpoint
 from omniflow.text_job.model import TextJobModel
 
@@ -77,13 +74,6 @@ def evaluation_sets(opts: GenerateOptions) -> tuple[set[str], dict]:
     return {spec.task for spec in specs}, build_eval_datasets(replace(config, datasets=specs))
 
 
-def write_json(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main():
     opts = parse_options(GenerateOptions, description=__doc__.split("\n\n")[0])
     setup_logging(None, True)
@@ -112,7 +102,7 @@ def main():
             records += [{"id": i, "task": task, "dataset": name, "prediction": text.strip(), "references": refs}
                         for i, task, text, refs in zip(batch["id"], batch["task"], texts, batch["references"])]
         logger.info("%s: %d texts", name, sum(r["dataset"] == name for r in records))
-    write_json(Path(opts.output), records)
+    write_json_atomic(opts.output, records)
     print(f"wrote {len(records)} predictions to {opts.output}")
 
 

@@ -9,7 +9,8 @@ flow through it to the head, its weights stay frozen) are loaded frozen. Loss pe
 next-token cross-entropy of the frozen decoder on the target text (padding masked) + lambda * MSE to the
 target's text latent + the VQ loss (see omniflow/text_job/model.py). Every --eval_interval steps (and at
 the end) the validation splits are scored; the lowest validation loss is exported to
-<output_dir>/best_head/, the last step to <output_dir>/final_head/ (safetensors + config.json).
+<output_dir>/best_head/, the last step to <output_dir>/final_head/ (safetensors + config.json), and texts
+sampled for the first --num_validation_samples examples of each set go to <output_dir>/samples/step-N.json.
 """
 import logging
 import math
@@ -56,6 +57,10 @@ class TextTrainOptions:
         "help": "validate every N optimizer steps (and at the end); the best head goes to best_head/"})
     max_eval_samples: Optional[int] = field(default=256, metadata={
         "help": "validation examples per evaluation set (null: all)"})
+    num_validation_samples: int = field(default=4, metadata={
+        "help": "at each evaluation, texts sampled (not teacher-forced) for the first N examples of each evaluation "
+                "set, logged with their references to <output_dir>/samples/step-N.json and the tracker (0: none)"})
+    validation_inference_steps: int = field(default=28, metadata={"help": "flow steps of those samples"})
     noise_shift: float = field(default=1.0, metadata={
         "help": "shift of the training noise levels, as the scheduler's shift: 1 = uniform sigma (OmniFlow's "
                 "training), < 1 favours low noise (where the final decoder prefix is read), > 1 high noise"})
@@ -65,9 +70,11 @@ class TextTrainOptions:
                            ("data_config", "e.g. configs/data_config.json")):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required ({hint})")
-        for name in ("batch_size", "num_epochs", "eval_interval"):
+        for name in ("batch_size", "num_epochs", "eval_interval", "validation_inference_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_validation_samples < 0:
+            raise ConfigError(f"--num_validation_samples must be >= 0, got {self.num_validation_samples}")
         if not self.lr > 0 or not self.noise_shift > 0:
             raise ConfigError(f"--lr and --noise_shift must be > 0, got {self.lr} and {self.noise_shift}")
 
@@ -86,6 +93,39 @@ def eval_loaders(config, opts: TextTrainOptions, rank: int, world_size: int) -> 
         loaders[name] = ResumableLoader(dataset, opts.batch_size, collate_fn=collate_examples, shuffle=False,
                                         drop_last=False, rank=rank, world_size=world_size)
     return loaders
+
+
+def sample_batches(config, count: int) -> dict[str, dict]:
+    """The first ``count`` examples of each evaluation set, one batch per set, the same on every rank."""
+    batches = {}
+    for name, dataset in build_eval_datasets(config).items() if count else ():
+        examples = (list(dataset.take(count)) if not hasattr(dataset, "__len__")
+                    else [dataset[i] for i in range(min(count, len(dataset)))])
+        if examples:
+            batches[name] = collate_examples(examples)
+    return batches
+
+
+@torch.no_grad()
+def sample_texts(job: TextJobModel, stack, batches: dict, run: TrainingRun, seed: int, num_inference_steps: int,
+                 max_new_tokens: int) -> list[dict]:
+    """Texts sampled with the head as generate_text.py samples them, with their references. Every rank
+    samples (ZeRO-3 gathers the head's weights in its forward); the training RNG streams are left as they were,
+    so a resumed run stays exact."""
+    records = []
+    decoder_mode = job.text_vae.model.training  # train mode under gradient checkpointing, which disables the KV cache
+    stack.eval()
+    job.text_vae.model.eval()
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), run.accelerator.autocast():
+        for k, (name, batch) in enumerate(batches.items()):
+            texts = job.generate(send_to_device(batch, run.device), stack, generator=torch.Generator().manual_seed(
+                seed + k), num_inference_steps=num_inference_steps, max_new_tokens=max_new_tokens)
+            records += [{"dataset": name, "task": task, "id": i, "prediction": text.strip(), "references": refs}
+                        for i, task, text, refs in zip(batch["id"], batch["task"], texts, batch["references"])]
+    job.text_vae.model.train(decoder_mode)
+    stack.train()
+    return records
 
 
 # Per evaluation set, summed over its examples: CE x tokens, accuracy x tokens, tokens, auxiliary loss x examples,
@@ -177,6 +217,7 @@ def main():
                              collate_fn=collate_examples, seed=train_opts.seed, rank=acc.process_index,
                              world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
     evaluation = eval_loaders(config, opts, acc.process_index, acc.num_processes)
+    samples = sample_batches(config, opts.num_validation_samples)
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,
                                                               train_opts.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
@@ -184,7 +225,8 @@ def main():
     model, optimizer, scheduler = run.prepare(stack, optimizer, scheduler)
     best = previous_best(run.output_dir, run.start(loader))
     export_config = {**stack.config(), "model_path": path_to_record(opts.model_path),
-                     "data_config": path_to_record(opts.data_config)}
+                     "data_config": path_to_record(opts.data_config),
+                     "trainable_parameters": sum(p.numel() for p in trainable)}
 
     def evaluate_and_keep_best() -> None:
         nonlocal best
@@ -192,6 +234,10 @@ def main():
             return
         values = validate(job, model, evaluation, run, train_opts.seed)
         run.log(values)
+        if samples:
+            run.metrics.log_texts("samples", sample_texts(
+                job, model, samples, run, train_opts.seed, opts.validation_inference_steps,
+                opts.max_length or config.max_length), run.step)
         if values["val/loss"] < best:
             best = values["val/loss"]
             run.export(model, {**export_config, "step": run.step, "val_loss": best}, run.output_dir / BEST_HEAD)

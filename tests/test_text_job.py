@@ -1,6 +1,6 @@
-"""The text job end to end on a tiny OmniFlow and the embedded sample data: train_text.py for the four
-head variants (train, save, resume, export), generate_text.py (real sampling with the head),
-eval_text.py, learning, and the one-line errors."""
+"""The text job end to end on a tiny OmniFlow and the embedded sample data: run_text_grid.py training the four
+head variants with train_text.py (train, save, resume, export, samples), generate_text.py (real sampling with the
+head), eval_text.py, the grid's report, learning, and the one-line errors."""
 import json
 import math
 import runpy
@@ -12,26 +12,24 @@ import soundfile
 import torch
 
 from omniflow.models.omniflow.errors import MissingComponentError
+from omniflow.models.text_heads import load_text_head_stack
 from omniflow.runtime.errors import CheckpointError
 from omniflow.text_job.audio import FRAMES, N_MELS, load_audio_encoder, log_mel_spectrogram, mel_filters
 from omniflow.text_job.checkpoints import resolve_head_checkpoint
 from omniflow.text_job.model import TextJobModel
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from runtime_helpers import REPO, assert_pickle_free, error_line, metrics
 from text_job_helpers import run_script, train_rows
 
 pytestmark = pytest.mark.slow
 
-VARIANTS = {
-    "baseline": [],
-    "refiner": ["--use_latent_refiner", "--latent_refiner_hidden_dim", "16"],
-    "vq": ["--use_vq_codebook", "--vq_codebook_size", "32"],
-    "vq_refiner": ["--use_vq_codebook", "--vq_codebook_size", "32", "--use_latent_refiner",
-                   "--latent_refiner_hidden_dim", "16"],
-}
+VARIANTS = ("baseline", "refiner", "vq", "vq_refiner")
 STEPS = 4
 TRAIN = ["--use_text_decoder_head", "--text_decoder_head_hidden_dim", "64", "--batch_size", "2",
          "--max_train_steps", str(STEPS), "--log_interval", "1", "--save_interval", "2", "--eval_interval", "2",
-         "--max_eval_samples", "2", "--lr", "1e-3", "--report_to", "none"]
+         "--max_eval_samples", "2", "--lr", "1e-3", "--report_to", "none", "--num_validation_samples", "0"]
 GENERATE = ["--max_samples", "2", "--batch_size", "2", "--num_inference_steps", "2", "--max_new_tokens", "6"]
 
 
@@ -40,17 +38,32 @@ def world(text_world):
     return text_world
 
 
+# The grid trains each variant from its configs/text_head/<variant>.json, scaled down by these flags.
+GRID_TRAIN = ["--text_decoder_head_hidden_dim", "64", "--batch_size", "2", "--max_train_steps", str(STEPS),
+              "--log_interval", "1", "--save_interval", "2", "--eval_interval", "2", "--max_eval_samples", "2",
+              "--lr", "1e-3", "--lr_warmup_steps", "0", "--mixed_precision", "no", "--no-gradient_checkpointing",
+              "--latent_refiner_hidden_dim", "16", "--vq_codebook_size", "32", "--num_validation_samples", "2",
+              "--validation_inference_steps", "2"]
+
+
+def run_grid(world, out, *extra, train=GRID_TRAIN, check=True):
+    return run_script("run_text_grid.py", "--output_dir", out, *world.model_args(), "--data_config",
+                      world.data["mixed"], f"--train_args={' '.join(train)}", f"--generate_args={' '.join(GENERATE)}",
+                      *extra, check=check)
+
+
 @pytest.fixture(scope="module")
-def variant_runs(world):
-    """Each variant trained STEPS steps (checkpoints at 2 and 4) and its best head's predictions."""
-    runs = {}
-    data = ["--data_config", world.data["mixed"]]
-    for name, flags in VARIANTS.items():
-        out = runs[name] = world.root / "runs" / name
-        run_script("train_text.py", *world.model_args(), *data, *TRAIN, *flags, "--output_dir", out)
-        run_script("generate_text.py", *world.model_args(), *data, "--checkpoint", f"{out}/best_*",
-                   "--output", out / "predictions.json", *GENERATE)
-    return runs
+def grid(world):
+    """run_text_grid.py over the four variants: each trained STEPS steps (checkpoints at 2 and 4), its best head's
+    predictions and the released text_output's, scored side by side."""
+    out = world.root / "grid"
+    run_grid(world, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def variant_runs(grid):
+    return {name: grid / name for name in VARIANTS}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -71,34 +84,74 @@ def test_variant_trains_logs_and_exports(variant_runs, variant):
     assert {"val/ce", "val/token_accuracy", "val/perplexity", "val/photos/loss", "val/sonnets/loss"} <= set(validation[0])
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
     assert_pickle_free(out / "checkpoint-2")
+    for step in (2, 4):  # texts sampled at each evaluation, 2 per evaluation set
+        samples = json.loads((out / f"samples/step-{step}.json").read_text())
+        assert [(s["dataset"], s["task"]) for s in samples] == [("photos", "image_to_text")] * 2 + [("sonnets", "text")] * 2
+        assert all(isinstance(s["prediction"], str) and s["references"] and "id" in s for s in samples)
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*"))), size_guidance={"tensors": 0}).Reload()
+    assert [event.step for event in events.Tensors("samples/text_summary")] == [2, 4]
     best, final = json.loads((out / "best_head/config.json").read_text()), json.loads(
         (out / "final_head/config.json").read_text())
     assert best["val_loss"] == pytest.approx(min(m["val/loss"] for m in validation))
     assert final["step"] == STEPS and best["options"]["use_vq_codebook"] == ("vq" in variant)
     assert best["options"]["use_latent_refiner"] == ("refiner" in variant)
+    stack = load_text_head_stack(out / "best_head")  # the VQ codebook and its restart pool are buffers, not trained
+    assert best["trainable_parameters"] == sum(p.numel() for p in stack.parameters() if p.requires_grad) > 0
 
 
-def test_predictions_are_generated_by_each_variant_and_scored_side_by_side(world, variant_runs, tmp_path):
-    files = [variant_runs[name] / "predictions.json" for name in VARIANTS]
-    for path in files:
-        records = json.loads(path.read_text())
+def test_the_grid_generates_with_each_head_and_reports_them_side_by_side(grid):
+    names = ["released", *VARIANTS]
+    for name in names:
+        records = json.loads((grid / f"predictions/{name}.json").read_text())
         assert [r["task"] for r in records] == ["image_to_text"] * 2 + ["text"] * 2
         assert all(set(r) == {"id", "task", "dataset", "prediction", "references"} for r in records)
         assert all(isinstance(r["prediction"], str) and r["references"] for r in records)
-    scores = tmp_path / "scores.json"
-    result = run_script("eval_text.py", "--predictions", *files, "--by_task", "--output_json", scores)
-    table = json.loads(scores.read_text())["overall"]
-    assert [name.split("/")[0] for name in table] == list(VARIANTS)
-    assert "| predictions | BLEU-1" in result.stdout and "| samples |" in result.stdout
+    scores = json.loads((grid / "eval.json").read_text())
+    assert list(scores["overall"]) == [f"{name}.json" for name in names]
+    assert set(scores["by_task"]) == {"image_to_text", "text"}
+    lines = (grid / "grid.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| variant | trainable"))
+    assert all(label in header for label in ("samples/s", "peak memory", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"))
+    overall = lines[:lines.index("## image_to_text")]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in overall if line.startswith("| ")}
+    assert rows["baseline"][2] == "1.00x" and float(rows["vq"][2][:-1]) > 0
+    bleu = next(i for i, cell in enumerate(header.split(" | ")) if cell.startswith("BLEU-4"))  # as eval_text.py scored it
+    for name in VARIANTS:
+        assert rows[name][1] == f"{json.loads((grid / name / 'best_head/config.json').read_text())['trainable_parameters']:,}"
+        assert rows[name][bleu] == f"{scores['overall'][name + '.json']['bleu_4']:.4f}"
+    assert sum(line.startswith("## ") for line in lines) == 2
+    curves = Image.open(grid / "curves.png")
+    assert curves.size == (1100, 400)
 
 
-def test_resume_reproduces_the_uninterrupted_run(world, variant_runs, tmp_path):
-    full = variant_runs["vq_refiner"]
-    resumed = tmp_path / "resumed"
-    run_script("train_text.py", *world.model_args(), "--data_config", world.data["mixed"], *TRAIN,
-               *VARIANTS["vq_refiner"], "--output_dir", resumed, "--resume_from_checkpoint", full / "checkpoint-2")
-    assert train_rows(resumed) == [row for row in train_rows(full) if row["step"] > 2]
-    assert [m["step"] for m in metrics(resumed) if "val/loss" in m] == [4]
+def test_a_half_finished_grid_resumes_where_it_stopped(world, grid, tmp_path):
+    """vq_refiner stopped after its checkpoint at step 2: the rerun skips the finished variants, keeps their
+    predictions, and resumes vq_refiner to the same losses and texts as the uninterrupted run."""
+    half = shutil.copytree(grid, tmp_path / "grid")
+    shutil.rmtree(half / "vq_refiner/checkpoint-4")
+    shutil.rmtree(half / "vq_refiner/final_head")
+    for name in ("predictions/vq_refiner.json", "grid.md", "eval.json", "curves.png"):
+        (half / name).unlink()
+    kept = {name: (half / f"predictions/{name}.json").read_bytes() for name in ("released", "baseline", "vq")}
+    result = run_grid(world, half)
+    assert result.stdout.count("finished earlier, skipped") == 3 and "training vq_refiner" in result.stdout
+    assert train_rows(half / "vq_refiner") == train_rows(grid / "vq_refiner")
+    assert [m["step"] for m in metrics(half / "vq_refiner") if "val/loss" in m] == [2, 4]
+    assert (half / "predictions/vq_refiner.json").read_text() == (grid / "predictions/vq_refiner.json").read_text()
+    assert {name: (half / f"predictions/{name}.json").read_bytes() for name in kept} == kept
+    assert (half / "grid.md").is_file() and (half / "curves.png").is_file()
+
+
+def test_the_grid_trains_through_accelerate_launch_and_refuses_other_settings(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    out = tmp_path / "grid"
+    launch = "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    short = [*GRID_TRAIN, "--max_train_steps", "2"]
+    run_grid(world, out, "--variants", "baseline", "--launcher", launch, train=short)
+    assert "2 process(es)" in (out / "baseline/train.log").read_text()
+    assert [row["step"] for row in train_rows(out / "baseline")] == [1, 2]
+    line = error_line(run_grid(world, out, "--variants", "baseline", check=False))
+    assert f"{out} holds a grid with other settings (train_args:" in line
 
 
 def test_two_processes_train_validate_export_and_resume_exactly(world, tmp_path):
@@ -154,7 +207,7 @@ def test_head_learns_and_its_generations_improve(world, tmp_path, task):
     out = tmp_path / "learn"
     run_script("train_text.py", *world.model_args(), "--data_config", world.data[data], *train_flags,
                "--use_text_decoder_head", "--batch_size", "2", "--lr", "1e-2", "--log_interval", "10",
-               "--eval_interval", "1000", "--report_to", "none", "--output_dir", out)
+               "--eval_interval", "1000", "--report_to", "none", "--num_validation_samples", "0", "--output_dir", out)
     losses = [row["loss"] for row in train_rows(out)]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
     predictions = {}
@@ -182,7 +235,8 @@ def test_the_shipped_vq_head_learns_like_the_baseline(world, tmp_path):
         run_script("train_text.py", "--config", REPO / f"configs/text_head/{name}.json", *world.model_args(),
                    "--data_config", world.data["example"], "--batch_size", "4", "--max_train_steps", "40",
                    "--lr_warmup_steps", "0", "--lr", "1e-3", "--mixed_precision", "no", "--no-gradient_checkpointing",
-                   "--eval_interval", "40", "--log_interval", "1", "--report_to", "none", "--output_dir", out)
+                   "--eval_interval", "40", "--log_interval", "1", "--report_to", "none", "--num_validation_samples", "0",
+                   "--output_dir", out)
         rows = metrics(out)
         validation = [row for row in rows if "val/ce" in row][-1]
         reductions[name] = rows[0]["ce"] - validation["val/ce"]

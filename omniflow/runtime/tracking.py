@@ -22,6 +22,16 @@ logger = logging.getLogger("omniflow")
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
 
 
+def write_json_atomic(path: str | Path, value) -> Path:
+    """Write ``value`` as JSON through a temporary file, so that a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def setup_logging(output_dir: str | Path | None, is_main: bool, log_name: str = "train.log") -> None:
     """INFO to stderr and ``<output_dir>/<log_name>`` on the main process, warnings only elsewhere."""
     logger.setLevel(logging.DEBUG)
@@ -119,6 +129,22 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         self.accelerator.log(values, step=step)
 
+    def log_texts(self, name: str, records: list[dict], step: int) -> None:
+        """Text records (e.g. sampled predictions with their references): ``<output_dir>/<name>/step-<step>.json``,
+        a table in TensorBoard's text tab, a W&B table."""
+        if not self.accelerator.is_main_process or not records:
+            return
+        write_json_atomic(self.path.parent / name / f"step-{step}.json", records)
+        columns = list(dict.fromkeys(key for record in records for key in record))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_text(name, markdown_table(columns, records), step)
+            elif tracker.name == "wandb":
+                import wandb
+
+                rows = [[str(record.get(key, "")) for key in columns] for record in records]
+                tracker.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def log_images(self, name: str, images: torch.Tensor, step: int) -> None:
         """``images``: (N, C, H, W) floats in [0, 1] or uint8."""
         if not self.accelerator.is_main_process:
@@ -133,6 +159,15 @@ class MetricsWriter:
                 import wandb
 
                 tracker.log({name: [wandb.Image(img.permute(1, 2, 0).numpy()) for img in images]}, step=step)
+
+
+def markdown_table(columns: list[str], records: list[dict]) -> str:
+    def cell(value) -> str:
+        text = " / ".join(map(str, value)) if isinstance(value, list) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(key, "")) for key in columns) + " |" for r in records])
 
 
 def _plain(value):

@@ -186,7 +186,9 @@ def head_functions(stack: TextHeadStack | None) -> dict[str, Callable]:
     def run(output):
         return stack(output.text_hidden.float()).latents_or_prefix
 
-    return {"x0_fn": run, "prefix_fn": run} if stack.kind == "latent" else {"prefix_fn": run}
+    # ``stack`` may be wrapped for distributed training (validation samples): its forward gathers sharded weights
+    kind = extract_model_from_parallel(stack).kind
+    return {"x0_fn": run, "prefix_fn": run} if kind == "latent" else {"prefix_fn": run}
 
 
 __all__ = ["HeadTerms", "TextJobModel", "head_functions"]
