@@ -70,6 +70,7 @@ def resolve(opts: GridOptions) -> dict:
     train_args, generate_args = opts.train_args, opts.generate_args
     if not model_path and not (REPO / FULL_MODEL).is_dir():
         print(f"{FULL_MODEL} not found: running the embedded default (tiny OmniFlow + sample data, built offline)")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # the tiny models gain nothing from more threads
         tiny, tiny_models = ensure_example_model(REPO)
         model_path, models_dir = str(tiny), models_dir or str(tiny_models)
         data_config = data_config or str(REPO / EXAMPLE_DATA_CONFIG)

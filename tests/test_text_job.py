@@ -115,6 +115,7 @@ def test_the_grid_generates_with_each_head_and_reports_them_side_by_side(grid):
     overall = lines[:lines.index("## image_to_text")]
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in overall if line.startswith("| ")}
     assert rows["baseline"][2] == "1.00x" and float(rows["vq"][2][:-1]) > 0
+    assert all(0.1 < float(rows[name][4].removesuffix(" (RSS)")) < 20 for name in VARIANTS)  # a training process
     bleu = next(i for i, cell in enumerate(header.split(" | ")) if cell.startswith("BLEU-4"))  # as eval_text.py scored it
     for name in VARIANTS:
         assert rows[name][1] == f"{json.loads((grid / name / 'best_head/config.json').read_text())['trainable_parameters']:,}"

@@ -64,13 +64,15 @@ class GridFolder:
 
     def run_training(self, name: str, command: list[str], env: dict | None = None) -> int:
         """Run one training process of ``name``; append its wall time and peak memory (the largest resident
-        set of it and its descendants, from the kernel's accounting) to ``runs.jsonl``. Returns the exit status."""
+        set of one process: it or a rank it launched) to ``runs.jsonl``. Returns the exit status."""
         start = time.perf_counter()
         process = subprocess.Popen(command, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        peak_kb = 0
+        while process.poll() is None:
+            peak_kb = max([peak_kb, *map(_peak_rss_kb, _process_tree(process.pid))])
+            time.sleep(0.5)
         record = {"variant": name, "seconds": round(time.perf_counter() - start, 2),
-                  "peak_rss_gb": usage.ru_maxrss / 2**20, "exit": process.returncode}
+                  "peak_rss_gb": peak_kb / 2**20 if peak_kb else None, "exit": process.returncode}
         with (self.root / RUNS_NAME).open("a") as f:
             f.write(json.dumps(record) + "\n")
         return process.returncode
@@ -79,6 +81,32 @@ class GridFolder:
         path = self.root / RUNS_NAME
         lines = path.read_text().splitlines() if path.is_file() else []
         return [record for record in map(json.loads, filter(None, lines)) if record["variant"] == name]
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc; elsewhere just ``pid``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, queue = [], [pid]
+    while queue:
+        tree.append(queue.pop())
+        queue += children.get(tree[-1], [])
+    return tree
+
+
+def _peak_rss_kb(pid: int) -> int:
+    """The process's peak resident set (VmHWM: of its own address space, unlike getrusage's ru_maxrss, which
+    keeps the RSS of the parent that forked it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -94,11 +122,11 @@ def training_stats(grid: GridFolder, name: str) -> dict:
     rates = [row["samples_per_s"] for row in rows if "samples_per_s" in row]
     cuda = [row["peak_mem_gb"] for row in rows if "peak_mem_gb" in row]
     runs = grid.runs(name)
+    rss = [r["peak_rss_gb"] for r in runs if r.get("peak_rss_gb")]
     head = head_config(grid.variant(name) / BEST_HEAD)
     return {"trainable_parameters": head.get("trainable_parameters"),
             "samples_per_s": statistics.median(rates) if rates else None,
-            "peak_memory": (max(cuda), "GPU") if cuda else (max(r["peak_rss_gb"] for r in runs), "RSS") if runs
-            else None,
+            "peak_memory": (max(cuda), "GPU") if cuda else (max(rss), "RSS") if rss else None,
             "wall_s": sum(r["seconds"] for r in runs) if runs else None}
 
 
@@ -115,7 +143,8 @@ def write_grid_table(grid: GridFolder, variants: list[str], scores: dict) -> Pat
     base_rate = stats.get("baseline", {}).get("samples_per_s")
     lines = [f"# Text-head grid: {grid.root}", "",
              "Training time is relative to the baseline's (its median samples/s over logged intervals); peak memory "
-             "is CUDA's largest allocation on a GPU, the processes' resident set (RSS) on a CPU. Scores: eval_text.py "
+             "is CUDA's largest allocation on a GPU, the largest resident set (RSS) of one training process on a CPU. "
+             "Scores: eval_text.py "
              + ("(the COCO caption toolkit)." if scores.get("coco_toolkit") else "(substitutes: no Java on PATH)."),
              "", "| variant | trainable parameters | training time (x baseline) | samples/s | peak memory (GB) | "
              f"wall (s) | {metric_header} |", "|---" * (6 + len(SCORES)) + "|"]
