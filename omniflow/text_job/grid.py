@@ -62,11 +62,11 @@ class GridFolder:
             raise ConfigError(f"--output_dir {self.root} is not empty and holds no {CONFIG_NAME}: choose a new folder")
         write_json_atomic(path, settings)
 
-    def run_training(self, name: str, command: list[str], env: dict | None = None) -> int:
+    def run_training(self, name: str, command: list[str]) -> int:
         """Run one training process of ``name``; append its wall time and peak memory (the largest resident
         set of one process: it or a rank it launched) to ``runs.jsonl``. Returns the exit status."""
         start = time.perf_counter()
-        process = subprocess.Popen(command, env=env)
+        process = subprocess.Popen(command)
         peak_kb = 0
         while process.poll() is None:
             peak_kb = max([peak_kb, *map(_peak_rss_kb, _process_tree(process.pid))])
