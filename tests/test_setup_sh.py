@@ -93,3 +93,53 @@ def test_pyproject_declares_what_requirements_pin():
     extra = {Requirement(r).name.lower(): Requirement(r) for r in project["optional-dependencies"]["test"]}
     assert set(extra) == set(tests) and not set(tests) & set(runtime)
     assert all(extra[name].specifier.contains(version) for name, version in tests.items())
+
+
+# Declared runtime packages that no module imports: what needs them.
+NEEDED_WITHOUT_IMPORT = {
+    "tensorboard": "accelerate's TensorBoard tracker (--report_to tensorboard)",
+    "sentencepiece": "transformers' T5Tokenizer (the text VAE's encoder)",
+    "wn": "its data files, found with importlib: Shakespeare's works (sample text, tiny tokenizers), WordNet (METEOR)",
+}
+
+
+def third_party_imports() -> dict[str, list[str]]:
+    """Top-level names of the absolute imports in omniflow/ and scripts/ outside the standard library -> files."""
+    import ast
+
+    found: dict[str, list[str]] = {}
+    for path in sorted([*ROOT.glob("omniflow/**/*.py"), *ROOT.glob("scripts/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"omniflow"}:
+                found.setdefault(top, []).append(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_pyproject_declares_every_third_party_import():
+    """Every package that omniflow/ and scripts/ import is a dependency (or an extra), so ``pip install -e .``
+    in a clean venv runs them; and every dependency is imported or needed for a stated reason."""
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+    extras = {canonicalize_name(Requirement(r).name) for group, reqs in project["optional-dependencies"].items()
+              if group != "test" for r in reqs}
+    distributions = packages_distributions()  # import name -> distributions, from the installed metadata
+    imported = {}
+    for name, files in third_party_imports().items():
+        for dist in distributions.get(name, [name]):  # an extra that is not installed (wandb) keeps its import name
+            imported[canonicalize_name(dist)] = files
+    undeclared = {dist: files[0] for dist, files in imported.items() if dist not in runtime | extras}
+    assert not undeclared, f"imported but not declared in pyproject.toml (package: first file): {undeclared}"
+    unused = runtime - set(imported) - set(NEEDED_WITHOUT_IMPORT)
+    assert not unused, f"declared but never imported: {sorted(unused)}"
