@@ -14,18 +14,11 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-import torch
-
-from omniflow.data import ResumableLoader
-from omniflow.data.text import build_eval_datasets, collate_examples, load_data_config
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.options import parse_options
-from omniflow.runtime.tracking import progress, setup_logging, write_json_atomic
-from omniflow.text_job.checkpoints import load_head_for, resolve_head_checkpoint
-from omniflow.text_job.model import TextJobModel
 
 logger = logging.getLogger("omniflow")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch dtype name
 
 
 @dataclass
@@ -66,6 +59,8 @@ class GenerateOptions:
 
 def evaluation_sets(opts: GenerateOptions) -> tuple[set[str], dict]:
     """The tasks and the evaluation datasets (by set name) of the data config, on the chosen split."""
+    from omniflow.data.text import build_eval_datasets, load_data_config
+
     config = load_data_config(opts.data_config)
     specs = [replace(spec, eval_split=opts.split or spec.eval_split) for spec in config.datasets]
     specs = [replace(spec, max_samples=opts.max_samples or spec.max_samples) for spec in specs if spec.eval_split]
@@ -76,9 +71,20 @@ def evaluation_sets(opts: GenerateOptions) -> tuple[set[str], dict]:
 
 def main():
     opts = parse_options(GenerateOptions, description=__doc__.split("\n\n")[0])
+    # Imported once the flags are valid: --help and a wrong flag answer in a fraction of a second.
+    import torch
+
+    from omniflow.data import ResumableLoader
+    from omniflow.data.text import collate_examples
+    from omniflow.runtime.reports import write_json_atomic
+    from omniflow.runtime.tracking import progress, setup_logging
+    from omniflow.text_job.checkpoints import load_head_for, resolve_head_checkpoint
+    from omniflow.text_job.model import TextJobModel
+
     setup_logging(None, True)
     device = torch.device(opts.device if opts.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[opts.dtype] if opts.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, DTYPES[opts.dtype] if opts.dtype != "auto" else
+                    "bfloat16" if device.type == "cuda" else "float32")
     head_path = resolve_head_checkpoint(opts.checkpoint)
     tasks, sets = evaluation_sets(opts)
     job = TextJobModel.load(opts.model_path, tasks, models_dir=opts.models_dir, training=False, device=device,

@@ -24,7 +24,6 @@ from typing import List
 from omniflow.runtime.errors import ConfigError, OmniflowError, run_main
 from omniflow.runtime.options import parse_options
 from omniflow.text_job.checkpoints import BEST_HEAD
-from omniflow.text_job.example import EXAMPLE_DATA_CONFIG, ensure_example_model
 from omniflow.text_job.grid import RELEASED, VARIANTS, GridFolder, write_curves, write_grid_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +70,8 @@ def resolve(opts: GridOptions) -> dict:
     if not model_path and not (REPO / FULL_MODEL).is_dir():
         print(f"{FULL_MODEL} not found: running the embedded default (tiny OmniFlow + sample data, built offline)")
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # the tiny models gain nothing from more threads
+        from omniflow.text_job.example import EXAMPLE_DATA_CONFIG, ensure_example_model  # torch: only here
+
         tiny, tiny_models = ensure_example_model(REPO)
         model_path, models_dir = str(tiny), models_dir or str(tiny_models)
         data_config = data_config or str(REPO / EXAMPLE_DATA_CONFIG)

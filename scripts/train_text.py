@@ -18,23 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-from accelerate.utils import extract_model_from_parallel, send_to_device
-from torch.utils.data import Subset
-from transformers import get_cosine_schedule_with_warmup
-
-from omniflow.data import ResumableLoader
-from omniflow.data.text import build_eval_datasets, build_train_dataset, collate_examples, load_data_config
-from omniflow.models.text_heads import TextHeadOptions
-from omniflow.models.vq.quantizers import perplexity_from_counts
+from omniflow.models.text_head_options import TextHeadOptions
 from omniflow.runtime.errors import ConfigError, run_main
-from omniflow.runtime.launch import autocast_dtype, frozen_init_context
-from omniflow.runtime.noise import sample_generators
 from omniflow.runtime.options import parse_options
-from omniflow.runtime.paths import path_to_record
-from omniflow.runtime.run import TrainingOptions, TrainingRun, optimizer_steps
-from omniflow.text_job.checkpoints import BEST_HEAD, FINAL_HEAD, head_config
-from omniflow.text_job.model import TextJobModel
+from omniflow.runtime.training_options import TrainingOptions
 
 logger = logging.getLogger("omniflow")
 
@@ -79,108 +66,10 @@ class TextTrainOptions:
             raise ConfigError(f"--lr and --noise_shift must be > 0, got {self.lr} and {self.noise_shift}")
 
 
-def eval_loaders(config, opts: TextTrainOptions, rank: int, world_size: int) -> dict[str, ResumableLoader]:
-    """One loader per evaluation set: its first --max_eval_samples examples, each on exactly one rank."""
-    loaders = {}
-    for name, dataset in build_eval_datasets(config).items():
-        if not hasattr(dataset, "__len__"):  # a stream: read its first examples once, so that they can be dealt
-            if opts.max_eval_samples is None:
-                raise ConfigError(f"evaluation set {name!r} streams: give --max_eval_samples (how many of its "
-                                  "examples to score)")
-            dataset = list(dataset.take(opts.max_eval_samples))
-        elif opts.max_eval_samples is not None:
-            dataset = Subset(dataset, range(min(opts.max_eval_samples, len(dataset))))
-        loaders[name] = ResumableLoader(dataset, opts.batch_size, collate_fn=collate_examples, shuffle=False,
-                                        drop_last=False, rank=rank, world_size=world_size)
-    return loaders
-
-
-def sample_batches(config, count: int) -> dict[str, dict]:
-    """The first ``count`` examples of each evaluation set, one batch per set, the same on every rank."""
-    batches = {}
-    for name, dataset in build_eval_datasets(config).items() if count else ():
-        examples = (list(dataset.take(count)) if not hasattr(dataset, "__len__")
-                    else [dataset[i] for i in range(min(count, len(dataset)))])
-        if examples:
-            batches[name] = collate_examples(examples)
-    return batches
-
-
-@torch.no_grad()
-def sample_texts(job: TextJobModel, stack, batches: dict, run: TrainingRun, seed: int, num_inference_steps: int,
-                 max_new_tokens: int) -> list[dict]:
-    """Texts sampled with the head as generate_text.py samples them, with their references. Every rank
-    samples (ZeRO-3 gathers the head's weights in its forward); the training RNG streams are left as they were,
-    so a resumed run stays exact."""
-    records = []
-    decoder_mode = job.text_vae.model.training  # train mode under gradient checkpointing, which disables the KV cache
-    stack.eval()
-    job.text_vae.model.eval()
-    devices = [run.device] if run.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), run.accelerator.autocast():
-        for k, (name, batch) in enumerate(batches.items()):
-            texts = job.generate(send_to_device(batch, run.device), stack, generator=torch.Generator().manual_seed(
-                seed + k), num_inference_steps=num_inference_steps, max_new_tokens=max_new_tokens)
-            records += [{"dataset": name, "task": task, "id": i, "prediction": text.strip(), "references": refs}
-                        for i, task, text, refs in zip(batch["id"], batch["task"], texts, batch["references"])]
-    job.text_vae.model.train(decoder_mode)
-    stack.train()
-    return records
-
-
-# Per evaluation set, summed over its examples: CE x tokens, accuracy x tokens, tokens, auxiliary loss x examples,
-# examples. Each term is then averaged over the whole set, so no value depends on how the set was batched.
-SUMS = ("ce", "accuracy", "tokens", "aux", "examples")
-
-
-@torch.no_grad()
-def validation_sums(job: TextJobModel, stack, loaders: dict, seed: int, device,
-                    num_codes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's sums (:data:`SUMS`, one row per set; each example has its own noise, seeded by its index)
-    and how often each of the ``num_codes`` VQ codes was picked over all sets."""
-    sums = torch.zeros(len(loaders), len(SUMS), dtype=torch.float64, device=device)
-    code_counts = torch.zeros(num_codes, dtype=torch.float64, device=device)
-    for k, loader in enumerate(loaders.values()):
-        for indices, batch in loader.indexed():
-            out = job.head_terms(stack, send_to_device(batch, device), sample_generators(seed, indices))
-            tokens, ce = out.num_tokens, out.terms["ce"].item()
-            sums[k] += torch.tensor([ce * tokens, out.terms["token_accuracy"].item() * tokens, tokens,
-                                     (out.loss.item() - ce) * len(indices), len(indices)], dtype=torch.float64,
-                                    device=device)
-            if out.codes is not None:
-                code_counts += torch.bincount(out.codes.flatten(), minlength=num_codes)
-    return sums, code_counts
-
-
-def validation_values(names: list[str], sums: torch.Tensor, code_counts: torch.Tensor) -> dict[str, float]:
-    """The logged values of summed :data:`SUMS`: the loss is the token-mean CE plus the example-mean auxiliary loss;
-    with VQ, the share of codes used and the code perplexity over the whole validation set."""
-    ce, accuracy, tokens, aux, examples = sums.sum(0)
-    values = {"val/loss": ce / tokens + aux / examples, "val/ce": ce / tokens, "val/token_accuracy": accuracy / tokens}
-    values["val/perplexity"] = math.exp(min(float(values["val/ce"]), 50.0))
-    for name, (ce, _, tokens, aux, examples) in zip(names, sums):
-        values[f"val/{name}/loss"] = ce / tokens.clamp(min=1) + aux / examples.clamp(min=1)
-    if code_counts.numel():
-        values["val/vq_usage"] = (code_counts > 0).double().mean()
-        values["val/vq_perplexity"] = perplexity_from_counts(code_counts)
-    return {key: float(value) for key, value in values.items()}
-
-
-def validate(job: TextJobModel, stack, loaders: dict, run: TrainingRun, seed: int) -> dict[str, float]:
-    """Loss terms over the evaluation sets, summed over ranks; the same noise at every evaluation."""
-    vq = extract_model_from_parallel(stack).vq
-    stack.eval()
-    with run.accelerator.autocast():
-        sums, code_counts = validation_sums(job, stack, loaders, seed, run.device,
-                                            vq.quantizer.num_codes if vq is not None else 0)
-    if run.accelerator.num_processes > 1:
-        sums, code_counts = run.accelerator.reduce((sums, code_counts), reduction="sum")
-    stack.train()
-    return validation_values(list(loaders), sums, code_counts)
-
-
 def previous_best(output_dir: Path, resumed_step: int) -> float:
     """Validation loss of an existing best_head/ written at or before the resumed step (else +inf)."""
+    from omniflow.text_job.checkpoints import BEST_HEAD, head_config
+
     folder = output_dir / BEST_HEAD
     if resumed_step == 0 or not (folder / "config.json").is_file():
         return math.inf
@@ -194,6 +83,19 @@ def main():
     if not head_opts.use_text_decoder_head:
         raise ConfigError("nothing to train: without --use_text_decoder_head the head is the released text_output "
                           "(score it with generate_text.py --checkpoint none)")
+    # Imported once the flags are valid: --help and a wrong flag answer in a fraction of a second.
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from omniflow.data import ResumableLoader
+    from omniflow.data.text import build_train_dataset, collate_examples, load_data_config
+    from omniflow.runtime.launch import autocast_dtype, frozen_init_context
+    from omniflow.runtime.paths import path_to_record
+    from omniflow.runtime.run import TrainingRun, optimizer_steps
+    from omniflow.text_job.checkpoints import BEST_HEAD, FINAL_HEAD
+    from omniflow.text_job.model import TextJobModel
+    from omniflow.text_job.validation import eval_loaders, sample_batches, sample_texts, validate
+
     config = load_data_config(opts.data_config)
     if any(spec.streaming for spec in config.datasets if spec.train_split) and not train_opts.max_train_steps:
         raise ConfigError(f"{opts.data_config} streams its training data (no epoch length): give --max_train_steps")
@@ -216,7 +118,7 @@ def main():
     loader = ResumableLoader(build_train_dataset(config, seed=train_opts.seed), opts.batch_size,
                              collate_fn=collate_examples, seed=train_opts.seed, rank=acc.process_index,
                              world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
-    evaluation = eval_loaders(config, opts, acc.process_index, acc.num_processes)
+    evaluation = eval_loaders(config, opts.batch_size, opts.max_eval_samples, acc.process_index, acc.num_processes)
     samples = sample_batches(config, opts.num_validation_samples)
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,
                                                               train_opts.gradient_accumulation_steps)

@@ -178,18 +178,16 @@ def validate_in_one_process(world, head, max_eval_samples: int) -> dict[str, flo
     """train_text.py's validation of an exported head on ``world.data["mixed"]``, in this process."""
     from omniflow.data.text import load_data_config
     from omniflow.models.text_heads import load_text_head_stack
+    from omniflow.text_job.validation import eval_loaders, validation_sums, validation_values
 
-    script = runpy.run_path(str(REPO / "scripts/train_text.py"), run_name="validation")
     config = load_data_config(world.data["mixed"])
     job = TextJobModel.load(world.model, {spec.task for spec in config.datasets}, models_dir=world.models_dir,
                             training=True, max_length=config.max_length)
-    opts = script["TextTrainOptions"](model_path=str(world.model), data_config=str(world.data["mixed"]),
-                                      batch_size=2, max_eval_samples=max_eval_samples)
-    loaders = script["eval_loaders"](config, opts, rank=0, world_size=1)
+    loaders = eval_loaders(config, batch_size=2, max_eval_samples=max_eval_samples, rank=0, world_size=1)
     stack = load_text_head_stack(head)
     num_codes = stack.vq.quantizer.num_codes if stack.vq is not None else 0
-    sums, code_counts = script["validation_sums"](job, stack, loaders, seed=0, device="cpu", num_codes=num_codes)
-    return script["validation_values"](list(loaders), sums, code_counts)
+    sums, code_counts = validation_sums(job, stack, loaders, seed=0, device="cpu", num_codes=num_codes)
+    return validation_values(list(loaders), sums, code_counts)
 
 
 # Memorisation per task: data config, training flags, sampling flags. Texts are sampled for the training

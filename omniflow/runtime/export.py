@@ -1,16 +1,18 @@
-"""Final exports: weights as safetensors + a small JSON config, loadable without training state."""
+"""Final exports: weights as safetensors + a small JSON config, loadable without training state.
+
+Torch and safetensors are imported where used: scripts read the layout's names before they load anything heavy."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
-from .weights import read_weights_file
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -18,6 +20,8 @@ CONFIG_NAME = "config.json"
 
 def export_weights(state_dict: dict[str, torch.Tensor], config: dict, out_dir: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` atomically (tmp dir + rename)."""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -39,6 +43,8 @@ def export_weights(state_dict: dict[str, torch.Tensor], config: dict, out_dir: s
 
 def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """Read an export written by :func:`export_weights` (a directory, or its safetensors file)."""
+    from .weights import read_weights_file
+
     path = Path(path)
     if path.is_dir():
         folder, weights = path, path / WEIGHTS_NAME

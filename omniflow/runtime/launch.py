@@ -19,8 +19,6 @@ from .errors import ConfigError
 
 logger = logging.getLogger("omniflow")
 
-REPORT_TO = ("tensorboard", "wandb", "all", "none")
-
 
 def trackers_for(report_to: str) -> list[str]:
     names = {"all": ["tensorboard", "wandb"], "none": []}.get(report_to, [report_to])

@@ -15,21 +15,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .reports import markdown_table, write_json_atomic
 
 logger = logging.getLogger("omniflow")
 
 
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-
-
-def write_json_atomic(path: str | Path, value) -> Path:
-    """Write ``value`` as JSON through a temporary file, so that a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def setup_logging(output_dir: str | Path | None, is_main: bool, log_name: str = "train.log") -> None:
@@ -159,15 +150,6 @@ class MetricsWriter:
                 import wandb
 
                 tracker.log({name: [wandb.Image(img.permute(1, 2, 0).numpy()) for img in images]}, step=step)
-
-
-def markdown_table(columns: list[str], records: list[dict]) -> str:
-    def cell(value) -> str:
-        text = " / ".join(map(str, value)) if isinstance(value, list) else str(value)
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cell(r.get(key, "")) for key in columns) + " |" for r in records])
 
 
 def _plain(value):

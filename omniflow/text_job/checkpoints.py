@@ -13,9 +13,13 @@ import glob
 import json
 from pathlib import Path
 
-from ..models.text_heads import TextHeadStack, load_text_head_stack
+from typing import TYPE_CHECKING
+
 from ..runtime.errors import CheckpointError
 from ..runtime.export import CONFIG_NAME, WEIGHTS_NAME
+
+if TYPE_CHECKING:  # torch is imported when a head loads: the grid runner reads these names without it
+    from ..models.text_heads import TextHeadStack
 
 BEST_HEAD = "best_head"
 FINAL_HEAD = "final_head"
@@ -52,6 +56,8 @@ def head_config(path: Path) -> dict:
 
 def load_head_for(path: Path, in_dim: int, latent_dim: int, lm_hidden_dim: int, device) -> TextHeadStack:
     """Loads an export and checks that it fits the model (feature width, latent width, LM width)."""
+    from ..models.text_heads import load_text_head_stack
+
     stack = load_text_head_stack(path, device)
     have = (stack.in_dim, stack.latent_dim, stack.lm_hidden_dim)
     want = (in_dim, latent_dim, lm_hidden_dim)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..runtime.errors import ConfigError, DataError
-from ..runtime.tracking import write_json_atomic
+from ..runtime.reports import write_json_atomic
 from .checkpoints import BEST_HEAD, FINAL_HEAD, head_config
 
 VARIANTS = ("baseline", "refiner", "vq", "vq_refiner")
