@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import datasets
 import numpy as np
 import soundfile
-from datasets import load_dataset
 from huggingface_hub import HfFileSystem, hf_hub_download
 from PIL import Image
 
@@ -171,7 +169,7 @@ class Source:
     convert: Callable
     holdout: bool = False  # source split shared by train and validation: split rows by id hash
     data_files: str | None = None
-    undecoded: tuple[tuple[str, type], ...] = ()  # media columns read as raw bytes (no torchcodec needed)
+    undecoded: tuple[tuple[str, str], ...] = ()  # media columns read as raw bytes: (column, datasets feature)
     group_by_media: bool = False  # rows sharing a media file become one record with all references
     archive: str | None = None  # file in the dataset repo that holds the images
 
@@ -181,11 +179,11 @@ SOURCES = {s.key: s for s in (
            {"train": "train", "validation": "validation"}, lambda row, i: f"{i:08d}", wikitext_record),
     Source("coco", "lmms-lab/COCO-Caption", None, "image_to_text", {"train": "val", "validation": "val"},
            lambda row, i: _safe_id(_column(row, ("question_id", "file_name", "id"), "COCO-Caption")),
-           coco_record, holdout=True, undecoded=(("image", datasets.Image),)),
+           coco_record, holdout=True, undecoded=(("image", "Image"),)),
     Source("audiocaps", "OpenSound/AudioCaps", None, "audio_to_text",
            {"train": "train", "validation": "validation"},
            lambda row, i: _safe_id(_column(row, ("audiocap_id",), "AudioCaps")), audiocaps_record,
-           undecoded=(("audio", datasets.Audio),), group_by_media=True),
+           undecoded=(("audio", "Audio"),), group_by_media=True),
     Source("llava", "liuhaotian/LLaVA-CC3M-Pretrain-595K", None, "image_to_text",
            {"train": "train", "validation": "train"}, lambda row, i: _safe_id(row["id"]), llava_record,
            holdout=True, data_files="chat.json", archive="images.zip"),
@@ -205,7 +203,16 @@ def convert_row(source: Source, row: dict, index: int, split: str, archive: Imag
     return source.convert(row, rid, archive)
 
 
+def load_dataset(*args, **kwargs):
+    """``datasets.load_dataset``, imported on first use: download_data.py answers --help without datasets (1 s)."""
+    import datasets
+
+    return datasets.load_dataset(*args, **kwargs)
+
+
 def _load_failure(source: Source, split: str, err: BaseException, folder: Path) -> MissingDatasetError:
+    import datasets
+
     what = f"{source.repo_id}" + (f" ({source.config})" if source.config else "") + f" split {split}"
     if is_offline():
         return MissingDatasetError(
@@ -217,6 +224,8 @@ def _load_failure(source: Source, split: str, err: BaseException, folder: Path) 
 
 def load_source_split(source: Source, split: str, streaming: bool, folder: Path):
     """Local `split` of the source as a (streaming or not) datasets object with media left undecoded."""
+    import datasets
+
     kwargs = {"split": source.splits[split], "streaming": streaming, "token": hf_token()}
     if source.data_files:
         kwargs["data_files"] = source.data_files
@@ -226,7 +235,7 @@ def load_source_split(source: Source, split: str, streaming: bool, folder: Path)
         raise _load_failure(source, source.splits[split], err, folder) from None
     for column, feature in source.undecoded:
         if ds.features is not None and column in ds.features:
-            ds = ds.cast_column(column, feature(decode=False))
+            ds = ds.cast_column(column, getattr(datasets, feature)(decode=False))
     return ds
 
 
