@@ -27,21 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-from torch.utils.data import DataLoader
-
-from omniflow.data.images import DATASET_TYPES, build_image_dataset
-from omniflow.metrics.image import build_lpips
-from omniflow.models.align import load_aligned_pipeline
-from omniflow.models.align_report import (ImagePairMetrics, LatentMetrics, alignment_grids, alignment_views,
-                                          save_png)
+from omniflow.data.layouts import DATASET_TYPES
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.options import parse_options
-from omniflow.runtime.tracking import setup_logging
 
 logger = logging.getLogger("omniflow")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "float32": "float32"}  # --precision -> torch dtype name
 # metrics.json section -> (view compared, reference view); "target"/"source" are resolved per direction
 PAIRS = {"aligned_vs_original": ("aligned", "original"),
          "aligned_vs_target_reconstruction": ("aligned", "target"),
@@ -75,14 +67,23 @@ class EvalOptions:
                 raise ConfigError(f"--{name} is required")
         if self.batch_size < 1 or self.num_visualize_samples < 0:
             raise ConfigError("--batch_size must be >= 1 and --num_visualize_samples >= 0")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
 
 
-@torch.no_grad()
 def evaluate(opts: EvalOptions) -> dict:
+    # Imported once the flags are valid: --help and a wrong flag answer without loading torch.
+    import torch
+    from torch.utils.data import DataLoader
+
+    from omniflow.data.images import build_image_dataset
+    from omniflow.metrics.image import build_lpips
+    from omniflow.models.align import load_aligned_pipeline
+    from omniflow.models.align_report import ImagePairMetrics, LatentMetrics, alignment_grids, alignment_views, save_png
+
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    torch.set_grad_enabled(False)  # an evaluation: no gradients anywhere in this process
     device = torch.device("cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu")
-    pipeline, export = load_aligned_pipeline(opts.checkpoint, opts.cache_dir, DTYPES[opts.precision])
+    pipeline, export = load_aligned_pipeline(opts.checkpoint, opts.cache_dir, getattr(torch, DTYPES[opts.precision]))
     pipeline.to(device).module.eval()
     resolution = opts.resolution or export["resolution"]
     dataset = build_image_dataset(opts.eval_data_dir, opts.dataset_type, resolution)
@@ -110,6 +111,8 @@ def evaluate(opts: EvalOptions) -> dict:
 
 def main() -> None:
     opts = parse_options(EvalOptions, description="Evaluate an exported VAE alignment module.")
+    from omniflow.runtime.tracking import setup_logging
+
     setup_logging(opts.output_dir, is_main=True, log_name="eval.log")
     results = evaluate(opts)
     path = Path(opts.output_dir) / "metrics.json"

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .layouts import DATASET_TYPES
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-DATASET_TYPES = ("default", "imagenet")
 
 
 class ImageFolderError(FileNotFoundError):
