@@ -16,6 +16,8 @@ from typing import Optional
 
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.options import parse_options
+from omniflow.runtime.reports import write_json_atomic
+from omniflow.text_job.checkpoints import load_head_for, resolve_head_checkpoint
 
 logger = logging.getLogger("omniflow")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch dtype name
@@ -76,9 +78,7 @@ def main():
 
     from omniflow.data import ResumableLoader
     from omniflow.data.text import collate_examples
-    from omniflow.runtime.reports import write_json_atomic
     from omniflow.runtime.tracking import progress, setup_logging
-    from omniflow.text_job.checkpoints import load_head_for, resolve_head_checkpoint
     from omniflow.text_job.model import TextJobModel
 
     setup_logging(None, True)

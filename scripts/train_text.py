@@ -22,6 +22,7 @@ from omniflow.models.text_head_options import TextHeadOptions
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.options import parse_options
 from omniflow.runtime.training_options import TrainingOptions
+from omniflow.text_job.checkpoints import BEST_HEAD, FINAL_HEAD, head_config
 
 logger = logging.getLogger("omniflow")
 
@@ -68,8 +69,6 @@ class TextTrainOptions:
 
 def previous_best(output_dir: Path, resumed_step: int) -> float:
     """Validation loss of an existing best_head/ written at or before the resumed step (else +inf)."""
-    from omniflow.text_job.checkpoints import BEST_HEAD, head_config
-
     folder = output_dir / BEST_HEAD
     if resumed_step == 0 or not (folder / "config.json").is_file():
         return math.inf
@@ -92,7 +91,6 @@ def main():
     from omniflow.runtime.launch import autocast_dtype, frozen_init_context
     from omniflow.runtime.paths import path_to_record
     from omniflow.runtime.run import TrainingRun, optimizer_steps
-    from omniflow.text_job.checkpoints import BEST_HEAD, FINAL_HEAD
     from omniflow.text_job.model import TextJobModel
     from omniflow.text_job.validation import eval_loaders, sample_batches, sample_texts, validate
 

@@ -32,7 +32,8 @@ def ensure_example_model(root: str | Path = ".") -> tuple[Path, Path]:
         write_sample_text_data(data)
     model_path, models_dir = tiny / "OmniFlow-tiny", tiny / "models"
     if not (model_path / "transformer" / "config.json").is_file():
-        paths = make_tiny_omniflow(tiny, decoder_texts=jsonl_texts(texts), captioned_images=jsonl_captioned_images(photos))
+        paths = make_tiny_omniflow(tiny, decoder_texts=jsonl_texts(texts),
+                                   captioned_images=jsonl_captioned_images(photos))
         first, last = paths.flow_loss
         print(f"tiny OmniFlow written to {tiny}: its text decoder reads {paths.decoder_reconstruction:.0%} of the "
               f"sample texts back exactly; its image->text flow loss fell from {first:.3f} to {last:.3f}")
