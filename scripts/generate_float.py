@@ -21,22 +21,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-
-from omniflow.data.float_media import read_audio, square_crop, write_video
-from omniflow.flow.sampler import METHODS
-from omniflow.models.float import (EMOTION_LABELS, FLOAT, FloatConfig, FloatMotionGenerator, MotionAutoEncoder,
-                                   WaveformNormalizer, read_release_checkpoint)
 from omniflow.models.float.cli import PresetOptions, is_export_folder, resolve_release_checkpoint
+from omniflow.models.float.config import EMOTION_LABELS, ODE_METHODS, FloatConfig
 from omniflow.runtime.errors import ConfigError, DataError, run_main
 from omniflow.runtime.export import CONFIG_NAME, load_export
 from omniflow.runtime.options import parse_options
 from omniflow.runtime.paths import resolve_recorded
-from omniflow.runtime.tracking import setup_logging
+
+if TYPE_CHECKING:  # imported after the flags are parsed
+    import torch
+
+    from omniflow.models.float import FLOAT
 
 logger = logging.getLogger("omniflow")
 # FloatConfig fields a flag may override (None: keep the checkpoint's / preset's value)
@@ -63,7 +60,7 @@ class GenerateOptions:
     audio2emotion_path: Optional[str] = field(default=None, metadata={
         "help": "override: speech-emotion classifier folder or hub id"})
     nfe: Optional[int] = field(default=None, metadata={"help": "velocity evaluations per window (fixed-step methods)"})
-    torchdiffeq_ode_method: Optional[str] = field(default=None, metadata={"help": "ODE solver", "choices": list(METHODS)})
+    torchdiffeq_ode_method: Optional[str] = field(default=None, metadata={"help": "ODE solver", "choices": list(ODE_METHODS)})
     ode_atol: Optional[float] = field(default=None, metadata={"help": "absolute tolerance of dopri5"})
     ode_rtol: Optional[float] = field(default=None, metadata={"help": "relative tolerance of dopri5"})
     a_cfg_scale: Optional[float] = field(default=None, metadata={"help": "audio guidance scale"})
@@ -86,6 +83,7 @@ def overridden(config: FloatConfig, opts: GenerateOptions) -> FloatConfig:
 
 def motion_state(source: str, config: FloatConfig) -> dict[str, torch.Tensor]:
     """The motion auto-encoder's released-layout weights from a release file or its export."""
+    from omniflow.models.float import MotionAutoEncoder, read_release_checkpoint
     if is_export_folder(source):
         return MotionAutoEncoder.from_pretrained(source).release_state_dict()
     state = read_release_checkpoint(resolve_release_checkpoint(source))
@@ -94,6 +92,7 @@ def motion_state(source: str, config: FloatConfig) -> dict[str, torch.Tensor]:
 
 def load_model(opts: GenerateOptions, preset: str) -> FLOAT:
     """A FLOAT from a released-layout file, a full FLOAT export, or an FMT export + motion auto-encoder."""
+    from omniflow.models.float import FLOAT, FloatMotionGenerator
     if not is_export_folder(opts.ckpt_path):
         return FLOAT.from_release(resolve_release_checkpoint(opts.ckpt_path), overridden(FloatConfig.preset(preset), opts))
     state, values = load_export(opts.ckpt_path)
@@ -115,6 +114,11 @@ def load_model(opts: GenerateOptions, preset: str) -> FLOAT:
 
 
 def read_portrait(path: str, size: int) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from omniflow.data.float_media import square_crop
     try:
         with Image.open(path) as image:
             array = np.array(image.convert("RGB"))
@@ -126,6 +130,12 @@ def read_portrait(path: str, size: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> dict:
     opts, preset = parse_options(GenerateOptions, PresetOptions, args=argv, config_flags=("--config-file",))
     out = Path(opts.res_video_path)
+    import torch  # after the flags: --help and a wrong flag do not wait for it
+
+    from omniflow.data.float_media import read_audio, write_video
+    from omniflow.models.float import WaveformNormalizer
+    from omniflow.runtime.tracking import setup_logging
+
     setup_logging(None, True)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(opts, preset.config).to(device).eval()

@@ -12,6 +12,7 @@ from float_helpers import TINY_CHECKPOINT, tiny_config
 from omniflow.flow import ConditionDropout, RectifiedFlow
 from omniflow.models.float import CheckpointMismatchError, FloatConfig, FloatMotionGenerator, read_release_checkpoint
 from omniflow.models.float.cli import PresetOptions, parse_float_options
+from omniflow.models.float.training import ema_of
 from omniflow.runtime.errors import ConfigError
 from runtime_helpers import REPO
 
@@ -98,9 +99,9 @@ def train_script():
     del sys.modules[spec.name]
 
 
-def test_ema_copies_first_then_averages_with_a_warmed_up_decay(train_script):
+def test_ema_copies_first_then_averages_with_a_warmed_up_decay():
     model = torch.nn.Linear(2, 1, bias=False)
-    ema = train_script.ema_of(model, decay=0.95)
+    ema = ema_of(model, decay=0.95)
     values = [1.0, 3.0, 5.0, 2.0]
     expected = None
     for n, value in enumerate(values):
@@ -109,7 +110,7 @@ def test_ema_copies_first_then_averages_with_a_warmed_up_decay(train_script):
         decay = min(0.95, (1 + n) / (10 + n))
         expected = value if expected is None else decay * expected + (1 - decay) * value
         assert ema.module.weight[0, 0].item() == pytest.approx(expected, rel=1e-6)
-    restored = train_script.ema_of(model, decay=0.95)
+    restored = ema_of(model, decay=0.95)
     restored.load_state_dict(ema.state_dict())
     assert torch.equal(restored.module.weight, ema.module.weight) and int(restored.n_averaged) == len(values)
 

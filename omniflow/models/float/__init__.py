@@ -1,16 +1,13 @@
 """FLOAT: motion auto-encoder, audio/emotion condition encoders, Flow Matching Transformer."""
-from .audio import (EMOTION_LABELS, AudioEncoder, AudioFeatureError, EmotionEncoder, SpeechEmotionClassifier,
-                    WaveformNormalizer, load_audio_backbone, load_emotion_classifier, release_backbone_configs)
-from .config import PRESETS, FloatConfig, FloatConfigError
-from .fmt import FlowMatchingTransformer, FMTShapeError, band_mask
-from .generator import FloatMotionGenerator
-from .io import CheckpointMismatchError, read_release_checkpoint
-from .model import FLOAT
-from .motion import MotionAutoEncoder
+from ...runtime.lazy import lazy_exports
 
-__all__ = [
-    "EMOTION_LABELS", "FLOAT", "PRESETS", "AudioEncoder", "AudioFeatureError", "CheckpointMismatchError",
-    "EmotionEncoder", "FMTShapeError", "FloatConfig", "FloatConfigError", "FloatMotionGenerator",
-    "FlowMatchingTransformer", "MotionAutoEncoder", "SpeechEmotionClassifier", "WaveformNormalizer", "band_mask",
-    "load_audio_backbone", "load_emotion_classifier", "read_release_checkpoint", "release_backbone_configs",
-]
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".audio": ("AudioEncoder", "AudioFeatureError", "EmotionEncoder", "SpeechEmotionClassifier", "WaveformNormalizer",
+               "load_audio_backbone", "load_emotion_classifier", "release_backbone_configs"),
+    ".config": ("EMOTION_LABELS", "PRESETS", "FloatConfig", "FloatConfigError"),
+    ".fmt": ("FlowMatchingTransformer", "FMTShapeError", "band_mask"),
+    ".generator": ("FloatMotionGenerator",),
+    ".io": ("CheckpointMismatchError", "read_release_checkpoint"),
+    ".model": ("FLOAT",),
+    ".motion": ("MotionAutoEncoder",),
+})

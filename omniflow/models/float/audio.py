@@ -15,10 +15,9 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2PreTrainedMod
 from ...runtime.errors import DataError
 from ...runtime.hub import from_pretrained_kwargs, resolve_model_path
 from ...runtime.weights import load_pretrained
-from .config import FloatConfig
+from .config import EMOTION_LABELS, FloatConfig
 from .io import FloatPretrainedMixin
 
-EMOTION_LABELS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 PREDICT_EMOTION = (None, "s2e")  # labels that mean "predict the emotion from the speech"
 
 

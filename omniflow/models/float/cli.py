@@ -10,14 +10,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ...runtime.errors import ConfigError
 from ...runtime.export import CONFIG_NAME
 from ...runtime.hub import resolve_model_path
 from ...runtime.options import load_config_file, parse_options
 from .config import PRESETS
-from .motion import MotionAutoEncoder
+
+if TYPE_CHECKING:  # the options parse without torch
+    from .motion import MotionAutoEncoder
 
 PRESET_FLAG = "--config"
 CONFIG_FILE_FLAG = "--config-file"
@@ -82,6 +84,7 @@ def is_export_folder(path: str | os.PathLike) -> bool:
 def load_motion_autoencoder(source: str | os.PathLike, config) -> MotionAutoEncoder:
     """The frozen motion auto-encoder from a released-layout checkpoint (sized by ``config``)
     or from its own export folder."""
+    from .motion import MotionAutoEncoder
     if is_export_folder(source):
         model = MotionAutoEncoder.from_pretrained(source)
     else:

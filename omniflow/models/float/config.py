@@ -8,12 +8,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ...flow.guidance import GuidanceScales
-from ...flow.sampler import FlowSampler
 from ...runtime.errors import ConfigError
 
+if TYPE_CHECKING:  # imported where used: the options parse without torch
+    from ...flow.guidance import GuidanceScales
+    from ...flow.sampler import FlowSampler
+
 ODE_METHODS = ("euler", "midpoint", "rk4", "dopri5")
+EMOTION_LABELS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 
 
 class FloatConfigError(ConfigError):
@@ -87,10 +91,12 @@ class FloatConfig:
         return {s: self.motion_channels if s <= 32 else max(1, self.motion_channels * 32 // s) for s in sizes}
 
     def guidance_scales(self) -> GuidanceScales:
+        from ...flow.guidance import GuidanceScales
         return GuidanceScales(audio=self.a_cfg_scale, emotion=self.e_cfg_scale, reference=self.r_cfg_scale)
 
     def sampler(self, nfe: int | None = None, method: str | None = None) -> FlowSampler:
         """The ODE sampler of these options; ``nfe`` / ``method`` override them."""
+        from ...flow.sampler import FlowSampler
         return FlowSampler(method=method or self.torchdiffeq_ode_method, nfe=nfe or self.nfe, atol=self.ode_atol,
                            rtol=self.ode_rtol)
 

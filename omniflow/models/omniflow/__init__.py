@@ -6,17 +6,14 @@ Main entry points (see README.md in this folder):
     OmniFlowTransformer.forward(...)            -> OmniFlowTransformerOutput (text_x0, text_hidden, ...)
     OmniFlowTextVAE.encode / decode_logits / generate, decoder_targets(tokenizer, texts)
 """
-from .checkpoint import load_ema_weights, load_omniflow_weights, omniflow_state_dict, save_sharded_safetensors
-from .errors import CheckpointError, MissingComponentError, OmniFlowConfigError
-from .loading import COMPONENTS, OmniFlowComponents, load_omniflow
-from .pipeline import OmniFlowPipeline, StreamInputs, TextSample
-from .scheduler import FlowMatchEulerScheduler
-from .text_vae import OmniFlowTextVAE, decoder_targets
-from .transformer import OmniFlowTransformer, OmniFlowTransformerOutput
+from ...runtime.lazy import lazy_exports
 
-__all__ = [
-    "COMPONENTS", "CheckpointError", "FlowMatchEulerScheduler", "MissingComponentError", "OmniFlowComponents",
-    "OmniFlowConfigError", "OmniFlowPipeline", "OmniFlowTextVAE", "OmniFlowTransformer",
-    "OmniFlowTransformerOutput", "StreamInputs", "TextSample", "decoder_targets", "load_ema_weights",
-    "load_omniflow", "load_omniflow_weights", "omniflow_state_dict", "save_sharded_safetensors",
-]
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".checkpoint": ("load_ema_weights", "load_omniflow_weights", "omniflow_state_dict", "save_sharded_safetensors"),
+    ".errors": ("CheckpointError", "MissingComponentError", "OmniFlowConfigError"),
+    ".loading": ("COMPONENTS", "OmniFlowComponents", "load_omniflow"),
+    ".pipeline": ("OmniFlowPipeline", "StreamInputs", "TextSample"),
+    ".scheduler": ("FlowMatchEulerScheduler",),
+    ".text_vae": ("OmniFlowTextVAE", "decoder_targets"),
+    ".transformer": ("OmniFlowTransformer", "OmniFlowTransformerOutput"),
+})
