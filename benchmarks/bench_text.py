@@ -25,9 +25,10 @@ from transformers import LlamaConfig, T5Config, T5EncoderModel
 from omniflow.data.sample_text import sonnet_sentences
 from omniflow.models.omniflow.loading import OmniFlowComponents
 from omniflow.models.omniflow.pipeline import OmniFlowPipeline
+from omniflow.models.omniflow.layout import TINY_CONFIG_DIR
 from omniflow.models.omniflow.scheduler import FlowMatchEulerScheduler
 from omniflow.models.omniflow.text_vae import OmniFlowTextVAE
-from omniflow.models.omniflow.tiny import TINY_CONFIG_DIR, shakespeare_lines, train_tokenizers
+from omniflow.models.omniflow.tiny import shakespeare_lines, train_tokenizers
 from omniflow.models.omniflow.transformer import OmniFlowTransformer
 from omniflow.models.text_heads import TextHeadOptions
 from omniflow.text_job.model import TextJobModel

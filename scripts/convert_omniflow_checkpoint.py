@@ -15,17 +15,14 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
-from omniflow.models.omniflow.checkpoint import (
-    ENCODER_PREFIX,
-    open_weights,
-    save_sharded_safetensors,
-    weight_files,
-)
+from omniflow.models.omniflow.layout import ENCODER_PREFIX
 
-DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+if TYPE_CHECKING:  # imported after the flags are parsed
+    import torch
+
+DTYPES = {"keep": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names
 
 
 def parse_size(text: str) -> int:
@@ -52,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def source_files(path: Path) -> list[Path]:
+    from omniflow.models.omniflow.checkpoint import weight_files
+
     if path.is_file():
         return [path]
     if (path / "transformer").is_dir():
@@ -63,7 +62,11 @@ def convert(args: argparse.Namespace) -> list[Path]:
     files = source_files(args.input)
     if len(files) != 1:
         raise ValueError(f"{args.input} is already sharded ({len(files)} files); point --input at a single file")
-    dtype = DTYPES[args.dtype]
+    import torch
+
+    from omniflow.models.omniflow.checkpoint import open_weights, save_sharded_safetensors
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     with open_weights(files[0]) as lazy:
         keep = {k: v for k, v in lazy.items() if not (args.drop_t5_copy and k.startswith(ENCODER_PREFIX))}
         written = save_sharded_safetensors(keep, args.output_dir, args.max_shard_size, dtype=dtype)
@@ -77,6 +80,9 @@ def convert(args: argparse.Namespace) -> list[Path]:
 
 def verify(source: dict, written: list[Path], dtype: torch.dtype | None) -> None:
     """Every source key is written once with equal values (after the requested cast)."""
+    import torch
+    from safetensors import safe_open
+
     seen = set()
     for path in written:
         with safe_open(path, framework="pt") as handle:

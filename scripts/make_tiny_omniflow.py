@@ -16,9 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from omniflow.data.text import jsonl_captioned_images, jsonl_texts
-from omniflow.models.omniflow.tiny import TINY_CONFIG_DIR, WEIGHT_FORMATS, make_tiny_omniflow
-from omniflow.runtime.tracking import setup_logging
+from omniflow.models.omniflow.layout import TINY_CONFIG_DIR, WEIGHT_FORMATS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from omniflow.data.text import jsonl_captioned_images, jsonl_texts  # after the flags: they import torch
+    from omniflow.models.omniflow.tiny import make_tiny_omniflow
+    from omniflow.runtime.tracking import setup_logging
+
     setup_logging(None, is_main=True)
     try:
         texts = jsonl_texts(args.fit_decoder_on)

@@ -26,12 +26,12 @@ from torch import nn
 
 from ...runtime.weights import open_safetensors, read_weights_file
 from .errors import CheckpointError, MissingComponentError
+from .layout import ENCODER_PREFIX
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 TEXT_PREFIX = "text_decoder."
-ENCODER_PREFIX = "text_decoder.encoder."
 EMA_NAME = "ema_transformer.pt"
 UNUSED_QFORMER_KEY = re.compile(r"^text_decoder\.qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
 _SHOWN = 12  # keys listed per problem in an error message

@@ -47,14 +47,13 @@ from transformers import (
 from .checkpoint import EMA_NAME, WEIGHTS_NAME, ema_parameter_names, omniflow_state_dict, save_sharded_safetensors
 from .errors import OmniFlowConfigError
 from ...runtime.hub import local_model_dir
+from .layout import TINY_CONFIG_DIR, WEIGHT_FORMATS
 from .loading import CLIP_L_ID, PAD_TOKEN, T5_ID
 from .pipeline import OmniFlowPipeline
 from .scheduler import FlowMatchEulerScheduler
 from .text_vae import OmniFlowTextVAE, decoder_targets
 from .transformer import OmniFlowTransformer
 
-TINY_CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "omniflow_tiny"
-WEIGHT_FORMATS = ("safetensors", "sharded", "bin")
 
 
 def shakespeare_lines(max_chars: int = 300_000) -> list[str]:
