@@ -20,6 +20,7 @@ from omniflow.data.images import ImageFolderDataset, write_sample_images
 from omniflow.metrics.image import psnr
 from omniflow.models.align import AlignPipeline, load_aligned_pipeline
 from omniflow.models.align_report import to_unit
+from omniflow.models.align_training import predict_batch
 from omniflow.runtime.state_files import load_state
 
 TRAIN = REPO / "scripts" / "train_align_with_args.py"
@@ -242,16 +243,16 @@ def test_warmup_then_step_schedule(train_script):
     assert [factor(s) for s in range(9)] == [0.5, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25]
 
 
-def test_cached_batches_skip_the_vae_encoders(train_script, vae_dirs, images, monkeypatch):
+def test_cached_batches_skip_the_vae_encoders(vae_dirs, images, monkeypatch):
     pipeline = AlignPipeline.from_pretrained(str(vae_dirs["vae1"]), str(vae_dirs["vae2"]), "vae", "vae",
                                              hidden_channels=16, num_blocks=1, downsample_times=1)
     data = ImageFolderDataset(images["train_default"], 32)
     photos = torch.stack([data[i]["image"] for i in range(2)])
     latents = {"vae1": pipeline.encode_source(photos), "vae2": pipeline.encode_target(photos)}
-    expected = train_script.predict_batch(pipeline, {"image": photos}, cached=False)
+    expected = predict_batch(pipeline, {"image": photos}, cached=False)
     calls = []
     for vae in pipeline.vaes.values():
         monkeypatch.setattr(vae, "encode", lambda *a, **k: calls.append(1))
-    pred, target = train_script.predict_batch(pipeline, {"image": photos, **latents}, cached=True)
+    pred, target = predict_batch(pipeline, {"image": photos, **latents}, cached=True)
     assert calls == [] and torch.equal(target, latents["vae2"])
     torch.testing.assert_close(pred, expected[0])

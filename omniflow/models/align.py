@@ -34,9 +34,8 @@ from omniflow.runtime.hub import resolve_model_path
 from omniflow.runtime.paths import path_to_record, resolve_recorded
 from omniflow.runtime.weights import load_pretrained
 
-INPUT_TYPES = ("image", "latent")
-DIRECTIONS = ("vae1_to_vae2", "vae2_to_vae1")
-LOSS_TYPES = ("mse", "l1", "weighted_l1")
+from .align_options import DIRECTIONS, INPUT_TYPES, LOSS_TYPES
+
 
 
 class AlignConfigError(ConfigError):
