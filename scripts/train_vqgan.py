@@ -21,29 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-from accelerate.utils import parse_flag_from_env
-from torchvision.utils import save_image
-
-from omniflow.data import ResumableLoader
-from omniflow.data.video import frames_to_model_input
-from omniflow.models.vq import VQTokenizer, summarize_parameters
-from omniflow.models.vq.evaluation import BestMetrics, VQValidator
-from omniflow.models.vq.losses import VQGANLoss
-from omniflow.models.vq.params import (VQParams, build_dataset, build_model, build_training_loss,
-                                       load_param_json)
-from omniflow.runtime.checkpoint import resolve_checkpoint
 from omniflow.runtime.errors import ConfigError, run_main
 from omniflow.runtime.options import parse_options
-from omniflow.runtime.run import TrainingOptions, TrainingRun
+from omniflow.runtime.training_options import TrainingOptions
+
+if TYPE_CHECKING:
+    from omniflow.models.vq.params import VQParams
 
 logger = logging.getLogger("omniflow")
 
@@ -63,6 +53,8 @@ class VQScriptOptions:
 
 
 def refuse_deepspeed() -> None:
+    from accelerate.utils import parse_flag_from_env
+
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         raise ConfigError(DEEPSPEED_REFUSAL)
 
@@ -92,59 +84,15 @@ def lr_factor(step: int, gamma: float, every: int) -> float:
     return gamma ** (step // every)
 
 
-def model_summary(params: VQParams, model: VQTokenizer, loss: VQGANLoss) -> str:
-    """Markdown: input, code grid per level, bits per image, parameters per module."""
-    height, width = params.image_size
-    model.eval()
-    with torch.no_grad():
-        indices = model.encode(torch.zeros(1, model.in_channels, height, width)).indices
-    model.train()
-    levels = indices if isinstance(indices, tuple) else (indices,)
-    lines = [f"# {params.model_type} ({params.family})", "",
-             f"- input: frames (B, {model.in_channels}, {height}, {width}) in [-1, 1]"]
-    bits = 0
-    for level, (codes, size) in enumerate(zip(levels, model.codebook_sizes)):
-        lines.append(f"- codes, level {level}: {codes.shape[1]} x {codes.shape[2]} indices into {size} codes")
-        bits += codes[0].numel() * math.ceil(math.log2(size))
-    lines += [f"- bits per image: {bits} ({bits / (height * width):.4f} bits per pixel)", "",
-              "## Tokenizer", "", summarize_parameters(model), ""]
-    for name, module in (("Discriminator (PatchGAN)", loss.discriminator), ("Perceptual (LPIPS, frozen)", loss.perceptual)):
-        if module is not None:
-            lines.append(f"- {name}: {sum(p.numel() for p in module.parameters()):,} parameters")
-    return "\n".join(lines) + "\n"
-
-
-def train_step(run: TrainingRun, x: torch.Tensor, model: torch.nn.Module, loss_fn: VQGANLoss, optimizer, scheduler,
-               last_layer: torch.nn.Parameter, disc: torch.nn.Module | None, disc_optimizer) -> dict[str, Any]:
-    """Autoencoder update, then (when due) discriminator update; returns the terms to log.
-
-    The generator pass judges with the bare discriminator (``loss_fn.discriminator``), the
-    discriminator pass with ``disc``, its DDP wrapper, so that only its gradients are synchronised.
-    """
-    step = run.step  # optimizer steps done so far: this step's index
-    acc = run.accelerator
-    with run.accumulate(model, *([disc] if disc is not None else [])):
-        with acc.autocast():
-            vq_loss, recon, perplexity, _ = model(x)
-            loss, terms = loss_fn.generator_loss(x, recon, vq_loss, step, last_layer)
-        run.backward_and_step(loss, model, optimizer, scheduler)
-        if loss_fn.discriminator_step_due(step):
-            with acc.autocast():
-                d_loss, d_terms = loss_fn.discriminator_loss(x, recon, step, discriminator=disc)
-            run.backward_and_step(d_loss, disc, disc_optimizer, lr_name="lr_disc")
-            terms.update(d_terms)
-    terms.pop("total")
-    if disc_optimizer is not None:  # every step, also before the first discriminator update
-        terms["lr_disc"] = disc_optimizer.param_groups[0]["lr"]
-    return {"loss": loss, **terms, "perplexity": perplexity}
-
-
 def parse_args() -> tuple[VQParams, VQScriptOptions, TrainingOptions]:
     """param.json first (its values become defaults), then every flag on top of it."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=VQScriptOptions.config)
-    wants_help = any(arg in ("-h", "--help") for arg in sys.argv[1:])
-    params = None if wants_help else load_param_json(pre.parse_known_args()[0].config)
+    params = None
+    if not any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # the help text needs no param.json (nor torch)
+        from omniflow.models.vq.params import load_param_json
+
+        params = load_param_json(pre.parse_known_args()[0].config)
     opts, train_opts = parse_options(VQScriptOptions, TrainingOptions, config_flags=("--options_file",),
                                      config_values=params.runtime if params else None,
                                      description=__doc__.splitlines()[0])
@@ -152,8 +100,19 @@ def parse_args() -> tuple[VQParams, VQScriptOptions, TrainingOptions]:
 
 
 def main() -> None:
-    refuse_deepspeed()
     params, opts, train_opts = parse_args()
+    refuse_deepspeed()
+    import torch
+    from torchvision.utils import save_image
+
+    from omniflow.data import ResumableLoader
+    from omniflow.data.video import frames_to_model_input
+    from omniflow.models.vq.evaluation import BestMetrics, VQValidator
+    from omniflow.models.vq.params import build_dataset, build_model, build_training_loss
+    from omniflow.models.vq.training import model_summary, train_step
+    from omniflow.runtime.checkpoint import resolve_checkpoint
+    from omniflow.runtime.run import TrainingRun
+
     select_device(opts.device or params.train["device"])
     train = params.train
     run = TrainingRun(train_opts, opts, micro_batch_size=params.data["batch_size"])

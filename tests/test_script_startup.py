@@ -8,11 +8,7 @@ import pytest
 
 from runtime_helpers import REPO, env
 
-# The scripts whose start-up is light so far; the others still import torch before parsing (see BENCHMARKS.md).
-LIGHT_SCRIPTS = ("train_text.py", "generate_text.py", "run_text_grid.py", "eval_text.py", "launch_multitask.py",
-                 "download_data.py", "eval_align.py", "generate_float.py", "preprocess_float.py",
-                 "train_rectified_flow.py", "make_tiny_omniflow.py", "convert_omniflow_checkpoint.py",
-                 "train_align_with_args.py")
+SCRIPTS = sorted(path.name for path in (REPO / "scripts").glob("*.py"))
 PROBE = """
 import runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
@@ -29,7 +25,7 @@ def probe(script: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("script", LIGHT_SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help_imports_no_heavy_library(script):
     result = probe(script, "--help")
     assert result.returncode == 0, result.stderr
