@@ -7,14 +7,13 @@ Both AutoencoderKLs are built from their config dicts with random weights (speed
 on the values). Real photos (scikit-image's, resized) are read from a temporary folder. Each row
 times optimizer steps of the alignment module after a warm-up (median of ``--repeats`` runs):
 ``images`` encodes every batch with both VAEs, ``latent cache`` reads the latents stored by
-``build_latent_cache`` (whose one encoding pass is timed on its own). Prints a markdown table.
-On a shared CPU set ``OMP_NUM_THREADS=1``: spinning OpenMP threads make multi-thread timings erratic.
+``build_latent_cache`` (whose one encoding pass is timed on its own, also ``--repeats`` times). Prints a
+markdown table of medians and ranges; one torch thread unless ``--threads``; offline.
 """
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 from omniflow.data.images import ImageFolderDataset, write_sample_images
 from omniflow.data.latent_cache import build_latent_cache, open_latent_cache
 from omniflow.models.align import AlignPipeline
+from omniflow.runtime.benchmarking import Spread, add_benchmark_flags, benchmark_settings
 
 _BLOCKS = {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
            "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "norm_num_groups": 32}
@@ -82,19 +82,22 @@ def images_per_second(pipeline: AlignPipeline, dataset, batch_size: int, steps: 
 
 
 def rows(pipeline: AlignPipeline, images: ImageFolderDataset, cache: Path, args, device: torch.device,
-         dtype: torch.dtype, workers: int) -> list[tuple[str, float]]:
+         dtype: torch.dtype, workers: int) -> list[tuple[str, Spread]]:
     """(data, images/s) for training from images, building the cache once, training from the cache."""
-    def rate(data) -> float:
-        return statistics.median(images_per_second(pipeline, data, args.batch_size, args.steps, args.warmup,
-                                                   device, dtype, workers) for _ in range(args.repeats))
+    def rate(data) -> Spread:
+        return Spread.of(images_per_second(pipeline, data, args.batch_size, args.steps, args.warmup, device, dtype,
+                                           workers) for _ in range(args.repeats))
+
+    def build_rate(index: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        build_latent_cache(images, pipeline, cache / str(index), batch_size=args.batch_size, num_workers=workers)
+        sync(device)
+        return len(images) / (time.perf_counter() - start)
 
     from_images = rate(images)
-    sync(device)
-    start = time.perf_counter()
-    build_latent_cache(images, pipeline, cache, batch_size=args.batch_size, num_workers=workers)
-    sync(device)
-    build = len(images) / (time.perf_counter() - start)
-    from_cache = rate(open_latent_cache(cache, images, pipeline))
+    build = Spread.of(build_rate(i) for i in range(args.repeats))
+    from_cache = rate(open_latent_cache(cache / "0", images, pipeline))
     return [("images", from_images), ("latent cache", from_cache), ("(building the cache, once)", build)]
 
 
@@ -105,9 +108,14 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is shown")
     parser.add_argument("--num_workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
+    add_benchmark_flags(parser)
     args = parser.parse_args()
+    with benchmark_settings(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     diffusers_logging.set_verbosity_error()  # its float32-modules note on .to(dtype) does not apply here
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = "tiny" if args.tiny or device.type == "cpu" else "sd15_to_flux"
@@ -118,7 +126,8 @@ def main() -> None:
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU"
     print(f"setting {name}, {hardware}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{setting['resolution']} px, VAEs {str(setting['dtype']).removeprefix('torch.')}")
-    print("| input_types | data | images/s |\n|---|---|---|")
+    print(f"{args.repeats} repeats of {args.steps} steps after {args.warmup} warm-up")
+    print("| input_types | data | images/s, median (range) |\n|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         write_sample_images(tmp, setting["resolution"], args.num_images)
         images = ImageFolderDataset(tmp, setting["resolution"])
@@ -127,7 +136,7 @@ def main() -> None:
             label = " ".join(input_types)
             cache = Path(tmp) / f"cache_{'_'.join(input_types)}"
             for data, value in rows(pipeline, images, cache, args, device, setting["dtype"], workers):
-                print(f"| {label} | {data} | {value:.1f} |")
+                print(f"| {label} | {data} | {value.format()} |")
 
 
 if __name__ == "__main__":

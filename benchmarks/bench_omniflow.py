@@ -6,7 +6,8 @@
 Parameter counts come from the assumed OmniFlow-v0.5 configs (``configs/omniflow_v05``) built on the meta
 device (no memory). On CUDA the full-size transformer is materialised with random weights in bf16 and
 one image->text denoising forward (512 px image at t=0, 32 noisy text rows, audio absent at t=1000) is
-timed per batch, with peak memory. On CPU the tiny config is timed instead.
+timed per batch, with peak memory. On CPU the tiny config is timed instead. The forward is timed ``--repeats``
+times ``--iters`` forwards (one torch thread unless ``--threads``, offline): median and range.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from transformers import LlamaConfig, T5Config, T5EncoderModel
 
 from omniflow.models.omniflow.text_vae import OmniFlowTextVAE
 from omniflow.models.omniflow.transformer import AUDIO_LATENT_SHAPE, OmniFlowTransformer
+from omniflow.runtime.benchmarking import Spread, add_benchmark_flags, benchmark_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first")
     parser.add_argument("--iters", type=int, default=5, help="timed forwards")
     parser.add_argument("--json_out", type=Path, default=None, help="also write the results as JSON here")
+    add_benchmark_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -86,9 +89,8 @@ def time_forward(config_dir: Path, args, device: torch.device, dtype: torch.dtyp
     batch = inputs(transformer, args.batch_size, image_size, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode():
-        for _ in range(args.warmup):
-            transformer(**batch)
+
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -96,17 +98,28 @@ def time_forward(config_dir: Path, args, device: torch.device, dtype: torch.dtyp
             transformer(**batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / args.iters
+        return (time.perf_counter() - start) / args.iters
+
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            transformer(**batch)
+        seconds = Spread.of(timed() for _ in range(args.repeats))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "config": config_dir.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "batch": args.batch_size, "image_px": image_size,
-        "ms_per_forward": round(seconds * 1000, 2), "peak_gib": "-" if peak is None else round(peak, 2),
+        "ms_per_forward": round(seconds.median * 1000, 2),
+        "ms_range": f"{seconds.low * 1000:.2f}-{seconds.high * 1000:.2f}", "peak_gib": "-" if peak is None else round(peak, 2),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    with benchmark_settings(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     counts = parameter_counts(args.full_config_dir)
     print(f"| component ({args.full_config_dir.name}) | parameters |\n|---|---:|")
     for name, n in counts.items():
@@ -117,8 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tiny_side = json.loads((args.tiny_config_dir / "transformer.json").read_text())["sample_size"] * 8
         timing = time_forward(args.tiny_config_dir, args, torch.device("cpu"), torch.float32, tiny_side)
-    print("| config | device | dtype | batch | image px | ms / forward | peak GiB |\n|---|---|---|---:|---:|---:|---:|")
-    print("| {config} | {device} | {dtype} | {batch} | {image_px} | {ms_per_forward} | {peak_gib} |".format(**timing))
+    print("| config | device | dtype | batch | image px | ms / forward, median (range) | peak GiB |\n"
+          "|---|---|---|---:|---:|---:|---:|")
+    print("| {config} | {device} | {dtype} | {batch} | {image_px} | {ms_per_forward} ({ms_range}) | {peak_gib} |"
+          .format(**timing))
     if args.json_out:
         args.json_out.write_text(json.dumps({"parameters": counts, "forward": timing}, indent=2) + "\n")
 

@@ -9,7 +9,8 @@ release-sized OmniFlow-v0.5 (``configs/omniflow_v05``, bf16, decoder gradient ch
 text-task batches of Sonnet sentences (pooled vector zero, image and audio absent at t = 1000), so the
 image VAE and CLIP are not timed; the transformer's cost is that of image->text at the same image size.
 Tokenizers are the tiny ones (trained here on Shakespeare), so target lengths differ from TinyLlama's;
-tokens/s counts the scored target tokens.
+tokens/s counts the scored target tokens. Each batch size is timed ``--repeats`` times ``--iters`` steps (one
+torch thread unless ``--threads``, offline): medians, and the range of samples/s.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from transformers import LlamaConfig, T5Config, T5EncoderModel
 from omniflow.data.sample_text import sonnet_sentences
 from omniflow.models.omniflow.loading import OmniFlowComponents
 from omniflow.models.omniflow.pipeline import OmniFlowPipeline
+from omniflow.runtime.benchmarking import Spread, add_benchmark_flags, benchmark_settings
 from omniflow.models.omniflow.layout import TINY_CONFIG_DIR
 from omniflow.models.omniflow.scheduler import FlowMatchEulerScheduler
 from omniflow.models.omniflow.text_vae import OmniFlowTextVAE
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per batch size")
     parser.add_argument("--json_out", type=Path, default=None, help="also write the results as JSON here")
+    add_benchmark_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -79,35 +82,46 @@ def time_training(job: TextJobModel, batch_size: int, args, sentences: list[str]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tokens, start = 0, 0.0
-    for step in range(args.warmup + args.iters):
-        if step == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            tokens, start = 0, time.perf_counter()
-        texts = [sentences[(step * batch_size + i) % len(sentences)] for i in range(batch_size)]
-        with autocast:
-            out = job.head_terms(stack, {"task": ["text"] * batch_size, "text": texts})
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += out.num_tokens
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"batch": batch_size, "samples_per_s": round(batch_size * args.iters / seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "steps_per_min": round(60 * args.iters / seconds, 1),
-            "peak_gib": round(peak_memory_gib(device), 2)}
+
+    def steps(first: int, count: int) -> tuple[int, float]:
+        """(scored tokens, seconds) of ``count`` training steps from step ``first``."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tokens, start = 0, time.perf_counter()
+        for step in range(first, first + count):
+            texts = [sentences[(step * batch_size + i) % len(sentences)] for i in range(batch_size)]
+            with autocast:
+                out = job.head_terms(stack, {"task": ["text"] * batch_size, "text": texts})
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += out.num_tokens
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return tokens, time.perf_counter() - start
+
+    steps(0, args.warmup)
+    runs = [steps(args.warmup + r * args.iters, args.iters) for r in range(args.repeats)]
+    rate = Spread.of(batch_size * args.iters / seconds for _, seconds in runs)
+    tokens_per_s = Spread.of(tokens / seconds for tokens, seconds in runs).median
+    return {"batch": batch_size, "samples_per_s": round(rate.median, 2),
+            "samples_per_s_range": [round(rate.low, 2), round(rate.high, 2)], "tokens_per_s": round(tokens_per_s, 1),
+            "steps_per_min": round(60 * rate.median / batch_size, 1), "peak_gib": round(peak_memory_gib(device), 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    with benchmark_settings(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     runs = [("omniflow_tiny", torch.device("cpu"), torch.float32)]
     if torch.cuda.is_available():
         runs.append(("omniflow_v05", torch.device("cuda"), torch.bfloat16))
     sentences = sonnet_sentences()
     results = []
-    print("| config | device | dtype | batch | samples/s | tokens/s | steps/min | peak memory GiB |")
+    print("| config | device | dtype | batch | samples/s, median (range) | tokens/s | steps/min | peak memory GiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for name, device, dtype in runs:
         job = random_job(name, device, dtype)
@@ -120,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
             row = {"config": name, "device": label, "dtype": str(dtype).removeprefix("torch."), "memory": memory,
                    **time_training(job, batch_size, args, sentences)}
             results.append(row)
-            print("| {config} | {device} | {dtype} | {batch} | {samples_per_s} | {tokens_per_s} | {steps_per_min} | "
-                  "{peak_gib} ({memory}) |".format(**row), flush=True)
+            low, high = row["samples_per_s_range"]
+            print("| {config} | {device} | {dtype} | {batch} | {samples_per_s} ({low}-{high}) | {tokens_per_s} | "
+                  "{steps_per_min} | {peak_gib} ({memory}) |".format(**row, low=low, high=high), flush=True)
         del job
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n")

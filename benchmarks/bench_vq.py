@@ -2,7 +2,11 @@
 
     python benchmarks/bench_vq.py                       # CUDA: f16 VQGAN, 256 px, batch 12
     python benchmarks/bench_vq.py --out bench_vq.json   # also write the results as JSON
-    python benchmarks/bench_vq.py --device cpu          # the CPU variant (tiny config, 32 px)
+    python benchmarks/bench_vq.py --device cpu          # the CPU variant (tiny config, 32 px), 1 thread
+
+Each variant is timed ``--repeats`` times (a fresh model each time); the table shows the median and range.
+Offline: the LPIPS backbone is random unless its ImageNet weights are in the torch hub cache (speed does not
+depend on the values).
 
 One full training step as in ``scripts/train_vqgan.py``: autoencoder forward, L1 + LPIPS + VQ +
 adaptive-weight PatchGAN generator loss, backward, clipped Adam step; the discriminator trains
@@ -31,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from omniflow.data.images import SAMPLE_PHOTOS  # noqa: E402
+from omniflow.runtime.benchmarking import Spread, add_benchmark_flags, benchmark_settings  # noqa: E402
 from omniflow.models.vq.params import build_model, build_training_loss, load_param_json  # noqa: E402
 
 VARIANTS = ("fp32", "bf16_cl", "bf16_cl_compile")
@@ -114,14 +119,25 @@ def measure(params, variant: str, x: torch.Tensor, warmup: int, steps: int) -> d
             "images_per_s": len(x) / seconds, "peak_mem_gib": peak}
 
 
+def repeated(params, variant: str, x: torch.Tensor, warmup: int, steps: int, repeats: int) -> dict:
+    """Medians of ``repeats`` runs of :func:`measure`, with the range of ms/step."""
+    runs = [measure(params, variant, x, warmup, steps) for _ in range(repeats)]
+    ms = Spread.of(r["ms_per_step"] for r in runs)
+    seconds = ms.median / 1000
+    return {"variant": variant, "ms_per_step": ms.median, "ms_per_step_range": [ms.low, ms.high],
+            "steps_per_s": 1 / seconds, "images_per_s": len(x) / seconds, "repeats": repeats,
+            "peak_mem_gib": None if runs[0]["peak_mem_gib"] is None else max(r["peak_mem_gib"] for r in runs)}
+
+
 def table(results: list[dict]) -> str:
     base = results[0]["steps_per_s"]
-    lines = ["| variant | ms/step | steps/s | img/s | peak GPU mem (GiB) | speed-up vs fp32 |",
+    lines = ["| variant | ms/step, median (range) | steps/s | img/s | peak GPU mem (GiB) | speed-up vs fp32 |",
              "|---|---|---|---|---|---|"]
     for r in results:
         peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        lines.append(f"| {r['variant']} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | {r['images_per_s']:.1f} "
-                     f"| {peak} | {r['steps_per_s'] / base:.2f}x |")
+        low, high = r["ms_per_step_range"]
+        lines.append(f"| {r['variant']} | {r['ms_per_step']:.1f} ({low:.1f}-{high:.1f}) | {r['steps_per_s']:.2f} "
+                     f"| {r['images_per_s']:.1f} | {peak} | {r['steps_per_s'] / base:.2f}x |")
     return "\n".join(lines)
 
 
@@ -136,7 +152,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps, a multiple of 3 (default 30, CPU: 6)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: all (CPU: no compile)")
     parser.add_argument("--out", help="write the results as JSON here")
+    add_benchmark_flags(parser)
     args = parser.parse_args()
+    with benchmark_settings(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     defaults = ({"config": "configs/vq/vqgan_f16.json", "image_size": 256, "batch_size": 12, "warmup": 6,
                  "steps": 30, "variants": list(VARIANTS)} if cuda else
@@ -154,14 +176,15 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
                                                           f"{torch.get_num_threads()} threads)"
     print(f"# bench_vq: {os.path.relpath(args.config, REPO)} at {args.image_size} px, batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, on {machine}")
+          f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats, on {machine}")
     if not cuda:
         print("# CPU run (no CUDA device or --device cpu): tiny config; these numbers only show that the step runs")
-    results = [measure(params, variant, x, args.warmup, args.steps) for variant in args.variants]
+    results = [repeated(params, variant, x, args.warmup, args.steps, args.repeats) for variant in args.variants]
     print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps({"config": args.config, "image_size": args.image_size,
                                               "batch_size": args.batch_size, "machine": machine,
+                                              "threads": args.threads,
                                               "results": results}, indent=2) + "\n")
 
 
