@@ -29,14 +29,9 @@ VARIANTS = ("baseline", "refiner", "vq", "vq_refiner")
 
 
 def ensure_embedded_default(env: dict) -> None:
-    """The sample data and the fitted tiny OmniFlow, as run_example.sh makes them."""
-    if not (SAMPLE / "shakespeare" / "train.jsonl").is_file():
-        subprocess.run([sys.executable, "-m", "omniflow.data.sample_text", "--output_dir", str(SAMPLE)], check=True,
-                       env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-    if not (TINY / "OmniFlow-tiny" / "transformer" / "config.json").is_file():
-        subprocess.run([sys.executable, "scripts/make_tiny_omniflow.py", "--output_dir", str(TINY), "--fit_decoder_on",
-                        str(SAMPLE / "photos" / "validation.jsonl"), str(SAMPLE / "shakespeare" / "train.jsonl")],
-                       check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    """The sample data and the fitted tiny OmniFlow, built by run_example.sh's builder when missing."""
+    subprocess.run([sys.executable, "-m", "omniflow.text_job.example", "--root", str(REPO)], check=True, env=env,
+                   cwd=REPO, stdout=subprocess.DEVNULL)
 
 
 def train(variant: str, lr: str, seed: int, args, out: Path, env: dict) -> dict:
