@@ -13,6 +13,7 @@ markdown table of medians and ranges; one torch thread unless ``--threads``; off
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import tempfile
 import time
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num_workers", type=int, default=None, help="default: 4 on CUDA, 0 on CPU")
+    parser.add_argument("--json_out", type=Path, default=None, help="also write the rows as JSON here")
     add_benchmark_flags(parser)
     args = parser.parse_args()
     with benchmark_settings(args.threads):
@@ -128,6 +130,7 @@ def run(args: argparse.Namespace) -> None:
           f"{setting['resolution']} px, VAEs {str(setting['dtype']).removeprefix('torch.')}")
     print(f"{args.repeats} repeats of {args.steps} steps after {args.warmup} warm-up")
     print("| input_types | data | images/s, median (range) |\n|---|---|---|")
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         write_sample_images(tmp, setting["resolution"], args.num_images)
         images = ImageFolderDataset(tmp, setting["resolution"])
@@ -137,6 +140,10 @@ def run(args: argparse.Namespace) -> None:
             cache = Path(tmp) / f"cache_{'_'.join(input_types)}"
             for data, value in rows(pipeline, images, cache, args, device, setting["dtype"], workers):
                 print(f"| {label} | {data} | {value.format()} |")
+                results.append({"setting": name, "device": hardware, "input_types": list(input_types), "data": data,
+                                "images_per_s": value.as_dict()})
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from omniflow.flow import ConditionDropout, RectifiedFlow
-from omniflow.runtime.benchmarking import Spread, add_benchmark_flags, benchmark_settings
 from omniflow.models.float import (EMOTION_LABELS, FLOAT, FloatConfig, FloatMotionGenerator, SpeechEmotionClassifier,
                                    release_backbone_configs)
-
-# dense bf16 peak FLOP/s by device name fragment (NVIDIA data sheets, SXM parts)
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+from omniflow.runtime.benchmarking import Spread, add_benchmark_flags, benchmark_settings, peak_bf16_flops
 
 
 def backbone_configs(preset: str) -> tuple[Wav2Vec2Config, Wav2Vec2Config]:
@@ -97,7 +94,7 @@ def bench_training(config: FloatConfig, batch: int, steps: int, device, dtype, r
            "samples_per_s": Spread(batch / seconds, batch / step_seconds.high, batch / step_seconds.low).as_dict(),
            "tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
            "trained_parameters_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
-    peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    peak = peak_bf16_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
     if peak is not None and dtype == torch.bfloat16:
         out["mfu"] = flops / seconds / peak
     return out

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, T5Config, T5EncoderModel
 
 from omniflow.data.sample_text import sonnet_sentences
 from omniflow.models.omniflow.loading import OmniFlowComponents
 from omniflow.models.omniflow.pipeline import OmniFlowPipeline
-from omniflow.runtime.benchmarking import Spread, add_benchmark_flags, benchmark_settings
+from omniflow.runtime.benchmarking import Spread, add_benchmark_flags, benchmark_settings, peak_bf16_flops
 from omniflow.models.omniflow.layout import TINY_CONFIG_DIR
 from omniflow.models.omniflow.scheduler import FlowMatchEulerScheduler
 from omniflow.models.omniflow.text_vae import OmniFlowTextVAE
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per batch size")
     parser.add_argument("--json_out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
+                        help="configs to time (default: omniflow_tiny on the CPU, and omniflow_v05 on CUDA)")
     add_benchmark_flags(parser)
     return parser.parse_args(argv)
 
@@ -100,13 +103,23 @@ def time_training(job: TextJobModel, batch_size: int, args, sentences: list[str]
             torch.cuda.synchronize(device)
         return tokens, time.perf_counter() - start
 
-    steps(0, args.warmup)
+    with FlopCounterMode(display=False) as counter:  # one step's FLOPs (it warms up too)
+        steps(0, 1)
+    flops = counter.get_total_flops()
+    steps(1, max(args.warmup - 1, 0))
     runs = [steps(args.warmup + r * args.iters, args.iters) for r in range(args.repeats)]
     rate = Spread.of(batch_size * args.iters / seconds for _, seconds in runs)
     tokens_per_s = Spread.of(tokens / seconds for tokens, seconds in runs).median
     return {"batch": batch_size, "samples_per_s": round(rate.median, 2),
             "samples_per_s_range": [round(rate.low, 2), round(rate.high, 2)], "tokens_per_s": round(tokens_per_s, 1),
-            "steps_per_min": round(60 * rate.median / batch_size, 1), "peak_gib": round(peak_memory_gib(device), 2)}
+            "steps_per_min": round(60 * rate.median / batch_size, 1), "peak_gib": round(peak_memory_gib(device), 2),
+            **mfu(flops, batch_size / rate.median, device)}
+
+
+def mfu(flops: int, step_seconds: float, device: torch.device) -> dict:
+    """TFLOP per step (counted by torch's FlopCounterMode) and, on a known GPU, model FLOP utilisation."""
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return {"tflop_per_step": flops / 1e12, "mfu": None if peak is None else round(flops / step_seconds / peak, 4)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,13 +129,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    runs = [("omniflow_tiny", torch.device("cpu"), torch.float32)]
-    if torch.cuda.is_available():
-        runs.append(("omniflow_v05", torch.device("cuda"), torch.bfloat16))
+    devices = {"omniflow_tiny": (torch.device("cpu"), torch.float32),
+               "omniflow_v05": (torch.device("cuda"), torch.bfloat16)}
+    names = args.configs or ["omniflow_tiny", *(["omniflow_v05"] if torch.cuda.is_available() else [])]
+    runs = [(name, *devices[name]) for name in names]
     sentences = sonnet_sentences()
     results = []
-    print("| config | device | dtype | batch | samples/s, median (range) | tokens/s | steps/min | peak memory GiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| config | device | dtype | batch | samples/s, median (range) | tokens/s | steps/min | TFLOP / step | MFU "
+          "| peak memory GiB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, device, dtype in runs:
         job = random_job(name, device, dtype)
         if device.type == "cuda":
@@ -135,8 +150,10 @@ def run(args: argparse.Namespace) -> None:
                    **time_training(job, batch_size, args, sentences)}
             results.append(row)
             low, high = row["samples_per_s_range"]
+            shown = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
             print("| {config} | {device} | {dtype} | {batch} | {samples_per_s} ({low}-{high}) | {tokens_per_s} | "
-                  "{steps_per_min} | {peak_gib} ({memory}) |".format(**row, low=low, high=high), flush=True)
+                  "{steps_per_min} | {tflop_per_step:.3g} | {shown} | {peak_gib} ({memory}) |".format(
+                      **row, low=low, high=high, shown=shown), flush=True)
         del job
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n")

@@ -12,6 +12,13 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+# dense bf16 peak FLOP/s by device name (SXM parts), the denominator of MFU
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a CUDA device named ``device_name``, None when unknown."""
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_name), None)
 
 
 def add_benchmark_flags(parser: argparse.ArgumentParser, repeats: int = 3) -> None:
