@@ -50,6 +50,11 @@ class VQScriptOptions:
                                                                 "(see configs/vq/)"})
     device: Optional[str] = field(default=None, metadata={
         "help": "auto|cpu|cuda|cuda:N for a single process; overrides train_args.device"})
+    channels_last: bool = field(default=False, metadata={
+        "help": "channels_last memory format for the networks and batches (pays with bf16 on GPUs; "
+                "benchmarks/bench_vq.py times it)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the encoder(s), decoder(s) and discriminator in place (checkpoints keep their keys)"})
 
 
 def refuse_deepspeed() -> None:
@@ -109,7 +114,7 @@ def main() -> None:
     from omniflow.data.video import frames_to_model_input
     from omniflow.models.vq.evaluation import BestMetrics, VQValidator
     from omniflow.models.vq.params import build_dataset, build_model, build_training_loss
-    from omniflow.models.vq.training import model_summary, train_step
+    from omniflow.models.vq.training import apply_speed_options, model_summary, train_step
     from omniflow.runtime.checkpoint import resolve_checkpoint
     from omniflow.runtime.run import TrainingRun
 
@@ -123,6 +128,9 @@ def main() -> None:
     model = build_model(params)
     loss_fn = build_training_loss(params, model.in_channels)
     summary = model_summary(params, model, loss_fn) if acc.is_main_process else None
+    compiled = apply_speed_options(model, loss_fn, opts.channels_last, opts.compile)
+    if opts.channels_last or compiled:
+        logger.info("speed options: channels_last=%s, compiled: %s", opts.channels_last, ", ".join(compiled) or "none")
 
     train_set = build_dataset(params, "train", train_opts.seed)
     loader = ResumableLoader(train_set, params.data["batch_size"], seed=train_opts.seed, rank=acc.process_index,
@@ -179,7 +187,7 @@ def main() -> None:
 
     validated_at = -1
     for batch in run.batches(loader, max_steps):
-        x = frames_to_model_input(batch["frames"])
+        x = frames_to_model_input(batch["frames"])  # NHWC frames permuted: already channels_last in memory
         terms = train_step(run, x, model, loss_fn, optimizer, scheduler, last_layer, disc, disc_optimizer)
         run.end_step({**terms, "skipped_files": batch["skipped"].sum()}, samples=len(x))
         if validator is not None and run.at_interval(train["validation_interval"]):

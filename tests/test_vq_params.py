@@ -199,3 +199,29 @@ def test_shipped_configs_build_and_run(path):
 def test_one_shipped_config_per_family():
     assert sorted(load_param_json(path).family for path in CONFIGS) == sorted(
         ["VqVae", "VQVAE2", "VQVAE2_OptVQ", "TamingVQGAN", "TamingVQGAN", "EMAVQ"])
+
+
+@pytest.mark.slow  # torch.compile on the CPU: ~25 s per family
+@pytest.mark.parametrize("family", ["vqgan_f16", "vqvae2"])
+def test_speed_options_keep_the_numbers_and_the_checkpoint_keys(family, tmp_path):
+    """train_vqgan.py --channels_last / --compile: the same reconstruction, the same state-dict keys (an in-place
+    compile, so checkpoints and exports load anywhere), and the layout actually switched."""
+    from omniflow.models.vq.training import apply_speed_options
+
+    params = load_param_json(REPO / "configs" / "vq" / "tiny" / f"{family}.json")
+    torch.manual_seed(0)
+    model = build_model(params).eval()
+    loss_fn = build_training_loss(params, model.in_channels)
+    x = torch.rand(2, model.in_channels, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = model(x)[1]
+    keys = list(model.state_dict())
+    compiled = apply_speed_options(model, loss_fn, channels_last=True, compile=True)
+    assert ("discriminator" in compiled) == (loss_fn.discriminator is not None)
+    assert any(name.startswith("encoder") for name in compiled) and any(name.startswith("decoder") for name in compiled)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        got = model(x.contiguous(memory_format=torch.channels_last))[1]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -190,3 +190,11 @@ def test_bench_vq_on_cpu_runs_the_tiny_config_and_says_so(tmp_path):
     assert [r["variant"] for r in report["results"]] == ["fp32", "bf16_cl"]
     assert all(r["steps_per_s"] > 0 and r["peak_mem_gib"] is None for r in report["results"])
     assert "| fp32 |" in result.stdout and "1.00x" in result.stdout
+
+
+def test_channels_last_run_trains_and_says_so(data, tmp_path):
+    config = tiny_config("vqgan_f16", tmp_path, data, num_steps=2, validation_interval=100)
+    result = train_vq(config, tmp_path / "run", "--channels_last")
+    assert "speed options: channels_last=True, compiled: none" in result.stderr
+    terms = training_terms(tmp_path / "run")
+    assert sorted(terms) == [1, 2] and all(np.isfinite(v) for t in terms.values() for v in t.values())

@@ -1,5 +1,5 @@
-"""Pieces of the VQ trainer (scripts/train_vqgan.py): the model summary written at start, and one training step
-(autoencoder update, then the discriminator's when due)."""
+"""Pieces of the VQ trainer (scripts/train_vqgan.py): the model summary written at start, the speed options, and
+one training step (autoencoder update, then the discriminator's when due)."""
 from __future__ import annotations
 
 import math
@@ -58,3 +58,22 @@ def train_step(run: TrainingRun, x: torch.Tensor, model: torch.nn.Module, loss_f
     if disc_optimizer is not None:  # every step, also before the first discriminator update
         terms["lr_disc"] = disc_optimizer.param_groups[0]["lr"]
     return {"loss": loss, **terms, "perplexity": perplexity}
+
+
+def apply_speed_options(model: VQTokenizer, loss_fn: VQGANLoss, channels_last: bool, compile: bool) -> list[str]:
+    """``channels_last`` memory format for the tokenizer and the loss networks, and ``torch.compile`` of the
+    convolution stacks (encoder(s), decoder(s), discriminator) in place, so that checkpoints and exports keep
+    their keys; the quantizers stay eager. Returns the names of the compiled modules."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        loss_fn.to(memory_format=torch.channels_last)
+    if not compile:
+        return []
+    stacks = [(name, getattr(model, name)) for name in ("encoder", "decoder") if hasattr(model, name)]
+    stacks += [(f"{name}.{i}", module) for name in ("encoders", "decoders")
+               for i, module in enumerate(getattr(model, name, []))]
+    if loss_fn.discriminator is not None:
+        stacks.append(("discriminator", loss_fn.discriminator))
+    for _, module in stacks:
+        module.compile()
+    return [name for name, _ in stacks]
