@@ -150,6 +150,10 @@ def warmup_step_lr(warmup_steps: int, step_size: int, gamma: float):
 
 def main() -> None:
     opts, train_opts = parse_args()
+    if train_opts.gradient_checkpointing:
+        raise ConfigError("--gradient_checkpointing is not implemented by train_align_with_args.py: the VAEs are "
+                          "frozen and encode without gradients, the alignment module's activations are small; "
+                          "lower --train_batch_size or use --cache_latents")
     import torch  # after the flags: --help and a wrong flag do not wait for it
 
     from omniflow.models.align import AlignPipeline

@@ -107,6 +107,9 @@ def parse_args() -> tuple[VQParams, VQScriptOptions, TrainingOptions]:
 def main() -> None:
     params, opts, train_opts = parse_args()
     refuse_deepspeed()
+    if train_opts.gradient_checkpointing:
+        raise ConfigError("--gradient_checkpointing is not implemented by train_vqgan.py (it would not save memory "
+                          "as asked); lower data_args.batch_size or use --mixed_precision bf16")
     import torch
     from torchvision.utils import save_image
 

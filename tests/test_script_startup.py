@@ -38,3 +38,14 @@ def test_a_wrong_flag_fails_in_one_line_before_torch_loads(script):
     result = probe(script, "--model_path", "m", "--data_config", "d.json", "--batch_size", "0")
     assert result.returncode == 2
     assert "--batch_size must be >= 1, got 0" in result.stderr and "heavy modules: []" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("script", "args"), [
+    ("train_vqgan.py", ("--config", "configs/vq/tiny/vqgan_f16.json")),
+    ("train_align_with_args.py", ("--train_data_dir", "photos")),
+])
+def test_gradient_checkpointing_is_refused_where_it_would_do_nothing(script, args):
+    result = probe(script, *args, "--gradient_checkpointing")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert f"--gradient_checkpointing is not implemented by {script}" in errors[0]
