@@ -74,7 +74,9 @@ class TrainingRun:
         self._counts: dict[str, int] = {}
         self._pending_signal: int | None = None
         self._exit_signal: int | None = None
-        self._bad_terms: dict[str, float] | None = None
+        # (step, names, values) of the micro-steps whose terms are not yet checked for NaN/inf: kept on the device
+        # and checked at logging and checkpoint steps, so that training never waits for the GPU in between
+        self._unchecked: list[tuple[int, list[str], torch.Tensor]] = []
         self._save_due = False
         self._grad_norms: dict[str, Any] = {}
         self._derived: dict[str, Callable[[dict[str, float]], float]] = {}
@@ -170,6 +172,7 @@ class TrainingRun:
             self._bar = progress(total=max_steps, initial=self.step, desc="train")
         try:
             yield from self._batches(loader, max_steps)
+            self._stop_if_non_finite()  # before the script's final exports
         finally:  # also on an error: the bar's last line must not follow the error message
             self._close_bar()
         if self.stopped_by_signal:
@@ -228,29 +231,28 @@ class TrainingRun:
         self._derived[name] = compute
 
     def end_step(self, terms: dict[str, Any], samples: int, tokens: int = 0, **extra: Any) -> bool:
-        """Book-keeping after each micro-batch. Returns True when an optimizer step just completed."""
-        values = {k: float(v.detach().float().item() if isinstance(v, torch.Tensor) else v)
+        """Book-keeping after each micro-batch. Returns True when an optimizer step just completed.
+
+        Tensor terms stay on the device (summed there in float64); the host reads them only at logging and
+        checkpoint steps, where a NaN/inf term of any earlier step stops the run naming that step."""
+        values = {k: v.detach().double() if isinstance(v, torch.Tensor) else float(v)
                   for k, v in {**terms, **extra, **self._grad_norms}.items() if v is not None}
         self._grad_norms = {}
-        bad = not all(math.isfinite(v) for v in values.values())
-        if bad:
-            self._bad_terms = values
+        self._watch(values)
         self.throughput.update(samples, tokens)
+        self._accumulate(values)
         if not self.accelerator.sync_gradients:
-            self._accumulate(values)
             return False
         self.step += 1
-        signum, any_bad = self._sync_flags(self._bad_terms is not None)
-        if any_bad:
-            self._close_bar()
-            raise NonFiniteLossError(self._non_finite_message())
-        self._accumulate(values)
+        signum, _ = self._sync_flags(False)
+        log_due = self.step % self.opts.logging_steps == 0
+        self._save_due = self.step % self.opts.checkpointing_steps == 0 or bool(signum)
+        if log_due or self._save_due or len(self._unchecked) >= 256:
+            self._stop_if_non_finite()
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", refresh=False)
-        if self.step % self.opts.logging_steps == 0:
+        if log_due:
             self._flush_logs()
-        self._save_due = self.step % self.opts.checkpointing_steps == 0 or bool(signum)
         if signum:
             self.stopped_by_signal, self._exit_signal = True, signum
             logger.warning("stopped by signal %d at step %d; resume with --resume_from_checkpoint latest", signum,
@@ -267,8 +269,10 @@ class TrainingRun:
         logger.info("step %d: %s", self.step, _fmt(values))
 
     def save_checkpoint(self) -> Path:
+        self._stop_if_non_finite()
         # The terms averaged since the last log line, so that a resumed run logs the same averages.
-        state = {"log_window": {"sums": self._sums, "counts": self._counts, "lrs": self._lrs}}
+        sums = {k: float(v) for k, v in self._sums.items()}
+        state = {"log_window": {"sums": sums, "counts": self._counts, "lrs": self._lrs}}
         if self._loader is not None:
             state["loader"] = self._loader.state_dict()
         return self.checkpoints.save(self.step, state)
@@ -301,6 +305,32 @@ class TrainingRun:
             self._bar.close()
             self._bar = None
 
+    def _watch(self, values: dict[str, Any]) -> None:
+        """Queue this micro-step's tensor terms for the next non-finite check; a non-finite float is queued as is."""
+        step = self.step + 1
+        names = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+        if names:
+            self._unchecked.append((step, names, torch.stack([values[k].reshape(()) for k in names])))
+        bad_floats = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad_floats:
+            self._unchecked.append((step, list(bad_floats), torch.tensor(list(bad_floats.values()), dtype=torch.float64)))
+
+    def _stop_if_non_finite(self) -> None:
+        """One host sync: raise NonFiniteLossError naming the first step with a NaN/inf term, on every rank."""
+        pending, self._unchecked = self._unchecked, []
+        first = None
+        if pending:
+            finite = torch.stack([torch.isfinite(t).all().to(self.device) for _, _, t in pending]).tolist()
+            first = next((entry for entry, ok in zip(pending, finite) if not ok), None)
+        _, any_bad = self._sync_flags(first is not None)
+        if not any_bad:
+            return
+        self._close_bar()
+        if first is None:
+            raise NonFiniteLossError(self._non_finite_message(self.step, None))
+        step, names, stacked = first
+        raise NonFiniteLossError(self._non_finite_message(step, dict(zip(names, stacked.cpu().tolist()))))
+
     def _accumulate(self, values: dict[str, float]) -> None:
         # Counted per key: a term logged on some micro-steps only (a discriminator every 3rd step)
         # is averaged over the steps that produced it.
@@ -309,12 +339,16 @@ class TrainingRun:
             self._counts[k] = self._counts.get(k, 0) + 1
 
     def _flush_logs(self) -> None:
-        means = {k: v / self._counts[k] for k, v in self._sums.items()}
-        if self.accelerator.num_processes > 1 and means:
-            keys = sorted(means)
-            t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=self.device)
-            t = self.accelerator.reduce(t, reduction="mean")
+        keys = sorted(self._sums)
+        means = {}
+        if keys:  # one device -> host copy for every term
+            t = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float64, device=self.device) / self._counts[k]
+                             for k in keys])
+            if self.accelerator.num_processes > 1:
+                t = self.accelerator.reduce(t, reduction="mean")
             means = dict(zip(keys, t.tolist()))
+        if self._bar is not None and "loss" in means:
+            self._bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
         means.update({name: compute(means) for name, compute in self._derived.items()})
         means.update(self._lrs)
         means.update(self.throughput.rates())
@@ -331,15 +365,15 @@ class TrainingRun:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return int(flags[0]), bool(flags[1])
 
-    def _non_finite_message(self) -> str:
-        shown = ", ".join(f"{k}={v:.6g}" for k, v in (self._bad_terms or {}).items()) or "on another rank"
-        message = f"non-finite loss at step {self.step}: {shown}"
+    def _non_finite_message(self, step: int, terms: dict[str, float] | None) -> str:
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in (terms or {}).items()) or "on another rank"
+        message = f"non-finite loss at step {step}: {shown}"
         kept = list_checkpoints(self.output_dir)
         if not kept:
             return f"{message}; no checkpoint was saved in {self.output_dir}"
         message += f"; the last checkpoint is {kept[-1]}"
-        if checkpoint_step(kept[-1]) == self.step - 1:
-            message += (f", which holds the update of step {self.step - 1}, the one just before this loss: if that "
+        if checkpoint_step(kept[-1]) == step - 1:
+            message += (f", which holds the update of step {step - 1}, the one just before this loss: if that "
                         "update overflowed, resuming from it repeats this; resume from an earlier checkpoint or "
                         "with a lower learning rate")
         return message

@@ -117,12 +117,20 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("pool_filled", torch.zeros((), dtype=torch.long))
             self.register_buffer("pool_next", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not init_from_data))
+        self._forget_host_copies()
         self._init_codebook()
+
+    def _forget_host_copies(self) -> None:
+        # Host copies of buffers read every training step, so that a step does not wait for the GPU to
+        # read them; None: read the buffer once (after construction or a state-dict load).
+        self._initialized_on_host: bool | None = None
+        self._pool_rows_on_host: int | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         # Weights saved without the flag (e.g. taming checkpoints) hold a trained codebook.
         state_dict.setdefault(prefix + "initialized", torch.tensor(True))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._forget_host_copies()
 
     # -- codebook storage: overridden by the EMA variant, which keeps it in buffers --
     def _init_codebook(self) -> None:
@@ -162,9 +170,12 @@ class VectorQuantizer(nn.Module):
         b, _, h, w = z.shape
         flat_in = z.float().permute(0, 2, 3, 1).reshape(-1, self.input_dim)
         flat = self._normalize(self.in_proj(flat_in))
-        if self.training and not bool(self.initialized):
-            self._set_codes(torch.ones(self.num_codes, dtype=torch.bool, device=flat.device), flat.detach())
-            self.initialized.fill_(True)
+        if self.training and not self._initialized_on_host:
+            if not bool(self.initialized):
+                self._set_codes(torch.ones(self.num_codes, dtype=torch.bool, device=flat.device), flat.detach(),
+                                self.num_codes)
+                self.initialized.fill_(True)
+            self._initialized_on_host = True
         codes = self.codebook()
         with torch.no_grad():  # the assignment is discrete; gradients flow through the loss
             indices = self._assign(flat.detach(), codes)
@@ -193,21 +204,25 @@ class VectorQuantizer(nn.Module):
         slots = (self.pool_next + torch.arange(rows.shape[0], device=rows.device)) % size
         self.pool[slots] = rows
         self.pool_next.copy_((self.pool_next + rows.shape[0]) % size)
+        if self._pool_rows_on_host is None:
+            self._pool_rows_on_host = int(self.pool_filled)
         self.pool_filled.clamp_(max=size - rows.shape[0]).add_(rows.shape[0])
-        return self.pool[:int(self.pool_filled)]
+        self._pool_rows_on_host = min(size, self._pool_rows_on_host + rows.shape[0])
+        return self.pool[:self._pool_rows_on_host]
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, global_counts: torch.Tensor) -> None:
         self.unused_steps.add_(1).masked_fill_(global_counts > 0, 0)
         dead = self.unused_steps >= self.dead_code_steps
-        if dead.any():
-            self._set_codes(dead, flat)
+        count = int(dead.sum())  # the one host read of a restarting quantizer's step
+        if count:
+            self._set_codes(dead, flat, count)
             self.unused_steps.masked_fill_(dead, 0)
 
     @torch.no_grad()
-    def _set_codes(self, mask: torch.Tensor, flat: torch.Tensor) -> None:
-        """Replace the masked codes by random rows of ``flat``, identical on every rank."""
-        picks = torch.randint(0, flat.shape[0], (int(mask.sum()),), device=flat.device)
+    def _set_codes(self, mask: torch.Tensor, flat: torch.Tensor, count: int) -> None:
+        """Replace the ``count`` masked codes by random rows of ``flat``, identical on every rank."""
+        picks = torch.randint(0, flat.shape[0], (count,), device=flat.device)
         # Rank 0 picks the replacement encoder outputs so all ranks install the same codes.
         self._replace_codes(mask, _broadcast_from_rank0(flat[picks].contiguous()))
 
