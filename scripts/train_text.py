@@ -87,7 +87,7 @@ def main():
     from transformers import get_cosine_schedule_with_warmup
 
     from omniflow.data import ResumableLoader
-    from omniflow.data.text import build_train_dataset, collate_examples, load_data_config
+    from omniflow.data.text import collate_examples, load_data_config, train_records
     from omniflow.runtime.launch import autocast_dtype, frozen_init_context
     from omniflow.runtime.paths import path_to_record
     from omniflow.runtime.run import TrainingRun, optimizer_steps
@@ -113,9 +113,10 @@ def main():
     trainable = [p for p in stack.parameters() if p.requires_grad]
     logger.info("head stack: %d trainable parameters (%s head)", sum(p.numel() for p in trainable), stack.kind)
 
-    loader = ResumableLoader(build_train_dataset(config, seed=train_opts.seed), opts.batch_size,
-                             collate_fn=collate_examples, seed=train_opts.seed, rank=acc.process_index,
-                             world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
+    train_set, decode = train_records(config, seed=train_opts.seed)  # a stream decodes in the loader's workers
+    loader = ResumableLoader(train_set, opts.batch_size, collate_fn=collate_examples, transform=decode,
+                             seed=train_opts.seed, rank=acc.process_index, world_size=acc.num_processes,
+                             num_workers=train_opts.dataloader_num_workers)
     evaluation = eval_loaders(config, opts.batch_size, opts.max_eval_samples, acc.process_index, acc.num_processes)
     samples = sample_batches(config, opts.num_validation_samples)
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,

@@ -3,6 +3,7 @@ import json
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data as skdata
 
@@ -121,3 +122,39 @@ def test_missing_local_source_is_clear():
         load_hf_dataset("./no/such/data")
     with pytest.raises(DataError, match="unsupported data file type"):
         load_hf_dataset(__file__)
+
+
+def tag_with_process(row):
+    """A transform that shows where it ran."""
+    import os
+
+    return {"x": row["x"], "pid": os.getpid()}
+
+
+def test_streaming_with_two_workers_resumes_exactly_and_transforms_in_the_workers():
+    import os
+
+    def make(workers):
+        ds = rows(40).to_iterable_dataset(num_shards=4)
+        return ResumableLoader(ds, 4, collate_fn=list, seed=1, shuffle_buffer=8, num_workers=workers,
+                               transform=tag_with_process)
+
+    reference = make(0)
+    expected = [[r["x"] for r in b] for b in list(reference) + list(reference)]  # two epochs, in this process
+    interrupted = make(2)
+    head = drain(interrupted, 3)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = make(2)
+    resumed.load_state_dict(state)
+    tail = list(resumed) + list(resumed)  # the rest of the epoch, then the next one
+    assert [[r["x"] for r in b] for b in head + tail] == expected
+    pids = {r["pid"] for b in head + tail for r in b}
+    assert os.getpid() not in pids and len(pids) >= 2  # prepared in worker processes
+
+
+def test_pinning_keeps_the_batch_structure():
+    from omniflow.data.core import pinned
+
+    batch = {"a": torch.ones(2), "b": [torch.zeros(1), "text"], "c": (torch.arange(3),)}
+    out = pinned(batch) if torch.cuda.is_available() else batch
+    assert out.keys() == batch.keys() and out["b"][1] == "text" and torch.equal(out["c"][0], torch.arange(3))

@@ -46,10 +46,10 @@ def test_resume_reproduces_uninterrupted_run(full_run, tmp_path):
     assert load_export(tmp_path / "final")[1] == load_export(full_run / "final")[1]
 
 
-def test_streaming_resume_reproduces_uninterrupted_run(tmp_path):
+def test_streaming_resume_with_two_workers_reproduces_uninterrupted_run(tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
-    train(full, "--streaming", "--checkpointing_steps", "6")
-    train(half, "--streaming", "--resume_from_checkpoint", str(full / "checkpoint-6"))
+    train(full, "--streaming", "--dataloader_num_workers", "2", "--checkpointing_steps", "6")
+    train(half, "--streaming", "--dataloader_num_workers", "2", "--resume_from_checkpoint", str(full / "checkpoint-6"))
     assert losses(half) == {s: v for s, v in losses(full).items() if s > 6}
 
 

@@ -293,7 +293,7 @@ def test_streaming_data_trains_for_a_step_count(world, tmp_path, monkeypatch, ca
     relative = [path.relative_to(world.root) for path in (world.model, world.models_dir, world.data["streaming"])]
     run_script("train_text.py", *common, "--model_path", relative[0], "--models_dir", relative[1], "--data_config",
                relative[2], "--max_train_steps", "2", "--log_interval", "1", "--output_dir", tmp_path / "b",
-               cwd=world.root)
+               "--dataloader_num_workers", "2", cwd=world.root)  # the stream decodes in 2 worker processes
     assert [row["step"] for row in train_rows(tmp_path / "b")] == [1, 2]
     best = json.loads((tmp_path / "b/best_head/config.json").read_text())  # the streamed set was validated
     assert (best["model_path"], best["data_config"]) == (str(world.model), str(world.data["streaming"]))

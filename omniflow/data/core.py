@@ -3,10 +3,13 @@ and :class:`ResumableLoader`, which gives each rank its batches with an exact, s
 """
 from __future__ import annotations
 
+import collections
+import copy
 import itertools
 import json
 import logging
 import math
+import multiprocessing
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -98,6 +101,22 @@ def _is_iterable(dataset: Any) -> bool:
     return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
 
 
+def prepare_batch(examples: list, transform: Callable | None, collate_fn: Callable) -> Any:
+    """A streamed batch: each example transformed, then collated (in a worker process or in the caller)."""
+    return collate_fn([transform(example) for example in examples] if transform is not None else examples)
+
+
+def pinned(batch: Any) -> Any:
+    """``batch`` with every tensor in page-locked memory (for non-blocking copies to the GPU)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {key: pinned(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(pinned(value) for value in batch)
+    return batch
+
+
 class ResumableLoader:
     """Batches of one rank, deterministic in (seed, epoch), with ``state_dict``/``load_state_dict``.
 
@@ -115,14 +134,20 @@ class ResumableLoader:
     the position is (the dataset's own ``state_dict`` at the block start, offset in the block), so
     a resume re-reads at most one block and continues exactly. HF's shuffle buffer cannot be
     resumed exactly, hence the blocks. At the end of the stream the next epoch starts, so
-    step-based training never runs dry on one rank.
+    step-based training never runs dry on one rank. With ``num_workers`` the stream is read in this
+    process (it holds the position) while worker processes run ``transform`` on each example (decoding,
+    resizing: give it here rather than as the stream's ``map``) and ``collate_fn``, a few batches ahead
+    and in order; the position saved is that of the last batch handed out, so a resume is exact.
+    ``pin_memory`` (default: when CUDA is available) pins the batches for asynchronous copies.
     """
 
     def __init__(self, dataset, batch_size: int, *, collate_fn: Callable | None = None, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, drop_last: bool = True,
-                 shuffle_buffer: int = 1000):
+                 shuffle_buffer: int = 1000, transform: Callable | None = None, pin_memory: bool | None = None):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.transform = transform
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.batch_size = batch_size
         self.collate_fn = collate_fn or torch.utils.data.default_collate
         self.shuffle = shuffle
@@ -145,7 +170,9 @@ class ResumableLoader:
             if world_size > 1:
                 dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
             # A loaded state sticks to the dataset for later iterations: epochs restart from this one.
-            self._stream_start = dataset.state_dict()
+            self._stream_start = copy.deepcopy(dataset.state_dict())
+        elif transform is not None:
+            raise DataError("transform is for streaming datasets; a map-style dataset transforms in __getitem__")
         elif len(dataset) < world_size * (batch_size if drop_last else 1):
             need = f"with batch size {batch_size}" if drop_last else "(each needs a sample)"
             raise DataError(f"dataset has {len(dataset)} samples: too few for {world_size} process(es) {need}")
@@ -215,20 +242,43 @@ class ResumableLoader:
         # Own generator: creating a DataLoader iterator must not draw from the global RNG, whose
         # state belongs to the model (dropout, noise) and is restored exactly on resume.
         loader = DataLoader(self.dataset, batch_sampler=remaining, collate_fn=self.collate_fn,
-                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                            pin_memory=self.pin_memory)
         yield from zip(remaining, loader)
 
     def _iter_stream(self) -> Iterator[Any]:
+        batches = self._stream_batches()
+        prepared = (self._in_workers(batches) if self.num_workers
+                    else ((prepare_batch(examples, self.transform, self.collate_fn), position)
+                          for examples, position in batches))
+        for batch, position in prepared:
+            self._stream_state = position
+            yield pinned(batch) if self.pin_memory else batch
+
+    def _stream_batches(self) -> Iterator[tuple[list, dict]]:
+        """(examples of a batch, stream position after its last example)."""
         pending = []
         for example, position in self._stream_examples():
             pending.append(example)
             if len(pending) == self.batch_size:
-                self._stream_state = position
-                yield self.collate_fn(pending)
+                yield pending, position
                 pending = []
         if pending and not self.drop_last:
-            self._stream_state = position
-            yield self.collate_fn(pending)
+            yield pending, position
+
+    def _in_workers(self, batches: Iterator[tuple[list, dict]]) -> Iterator[tuple[Any, dict]]:
+        """Prepared batches from ``num_workers`` processes, in order, at most two per worker in flight."""
+        with multiprocessing.get_context().Pool(self.num_workers) as pool:
+            in_flight = collections.deque()
+            for examples, position in batches:
+                in_flight.append((pool.apply_async(prepare_batch, (examples, self.transform, self.collate_fn)),
+                                  position))
+                if len(in_flight) >= 2 * self.num_workers:
+                    result, done_position = in_flight.popleft()
+                    yield result.get(), done_position
+            while in_flight:
+                result, done_position = in_flight.popleft()
+                yield result.get(), done_position
 
     def _stream_examples(self) -> Iterator[tuple[Any, dict]]:
         """(example, position after it) in block-shuffled order, from the saved position on."""
@@ -247,4 +297,5 @@ class ResumableLoader:
                 order = torch.randperm(len(examples), generator=generator).tolist()
             for offset in range(skip, len(examples)):
                 yield examples[order[offset]], {"block_start": block_start, "block": block, "offset": offset + 1}
-            block, skip, block_start = block + 1, 0, ds.state_dict()
+            # a copy: the dataset updates its state in place as it reads on (ahead, with workers)
+            block, skip, block_start = block + 1, 0, copy.deepcopy(ds.state_dict())

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import io
 import json
 import logging
@@ -405,6 +406,15 @@ def build_train_dataset(config: DataConfig, seed: int = 0, root: str | Path | No
 
     Relative local sources are read under `root` (default: the working directory).
     """
+    dataset, transform = train_records(config, seed, root)
+    return dataset if transform is None else dataset.map(transform)
+
+
+def train_records(config: DataConfig, seed: int = 0, root: str | Path | None = None):
+    """``(dataset, transform)``: the training mix as :func:`build_train_dataset` gives it, except that a
+    streamed mix yields records (media still bytes) and ``transform`` decodes one into an example, for
+    :class:`~omniflow.data.core.ResumableLoader` to run in its worker processes (None for a map-style mix,
+    whose workers decode in ``__getitem__``)."""
     specs = [s for s in config.datasets if s.train_split]
     if not specs:
         raise ConfigError(f"{config.where}: no dataset has a train_split")
@@ -412,13 +422,13 @@ def build_train_dataset(config: DataConfig, seed: int = 0, root: str | Path | No
     if not any(s.streaming for s in specs):
         mix = MixedDataset([FolderDataset(s, s.train_split, config, _root(root)) for s in specs], weights, seed)
         logger.info("training mix, %d examples per epoch: %s", len(mix), mix.counts)
-        return mix
+        return mix, None
     import datasets
 
     streams = [_record_stream(s, s.train_split, _root(root)) for s in specs]
     mixed = streams[0] if len(streams) == 1 else datasets.interleave_datasets(
         streams, probabilities=weights, seed=seed, stopping_strategy="all_exhausted")
-    return _examples(mixed, config)
+    return mixed, functools.partial(make_example, config=config)
 
 
 def build_eval_datasets(config: DataConfig, root: str | Path | None = None) -> dict[str, Any]:

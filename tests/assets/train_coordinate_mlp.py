@@ -79,7 +79,8 @@ def main():
     if opts.streaming:
         dataset = dataset.to_iterable_dataset(num_shards=4)
     loader = ResumableLoader(dataset, opts.batch_size, collate_fn=collate, seed=train_opts.seed,
-                             rank=acc.process_index, world_size=acc.num_processes)
+                             rank=acc.process_index, world_size=acc.num_processes,
+                             num_workers=train_opts.dataloader_num_workers)
     max_steps = train_opts.max_train_steps or optimizer_steps(len(loader), opts.num_epochs,
                                                               train_opts.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr)
