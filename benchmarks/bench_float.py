@@ -101,7 +101,8 @@ def bench_training(config: FloatConfig, batch: int, steps: int, device, dtype, r
 
 
 @torch.no_grad()
-def bench_generation(config: FloatConfig, preset: str, seconds_of_audio: float, device, dtype, repeats: int) -> dict:
+def bench_generation(config: FloatConfig, preset: str, seconds_of_audio: float, device, dtype, repeats: int,
+                     render_batch_size: int) -> dict:
     audio_cfg, emotion_cfg = backbone_configs(preset)
     model = FLOAT(config, Wav2Vec2Model(audio_cfg), SpeechEmotionClassifier(emotion_cfg)).to(device).eval()
     image = torch.rand(1, 3, config.input_size, config.input_size, device=device) * 2 - 1
@@ -113,7 +114,7 @@ def bench_generation(config: FloatConfig, preset: str, seconds_of_audio: float, 
         nonlocal frames
         sync(device)
         start = time.perf_counter()
-        frames = model.inference(image, audio, nfe=10, seed=0)["video"].shape[1]
+        frames = model.inference(image, audio, nfe=10, seed=0, render_batch_size=render_batch_size)["video"].shape[1]
         sync(device)
         return time.perf_counter() - start
 
@@ -122,6 +123,7 @@ def bench_generation(config: FloatConfig, preset: str, seconds_of_audio: float, 
         compute = Spread.of(timed() for _ in range(repeats))
     video = frames / config.fps
     return {"video_seconds": video, "frames": frames, "compute_seconds": compute.as_dict(), "nfe": 10,
+            "render_batch_size": render_batch_size,
             "video_seconds_per_compute_second": Spread(video / compute.median, video / compute.high,
                                                        video / compute.low).as_dict()}
 
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=8 if cuda else 4, help="training windows per step")
     parser.add_argument("--steps", type=int, default=20 if cuda else 5, help="timed training steps")
     parser.add_argument("--audio_seconds", type=float, default=10.0 if cuda else 2.0, help="speech length generated")
+    parser.add_argument("--render_batch_size", type=int, default=16 if cuda else 1,
+                        help="frames per motion-decoder call in generation (default: 16 on CUDA, 1 on CPU)")
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
     add_benchmark_flags(parser)
     args = parser.parse_args(argv)
@@ -165,7 +169,8 @@ def run(args: argparse.Namespace, cuda: bool) -> dict:
               f"{torch.get_num_threads()} threads)", "config": args.config, "dtype": str(dtype).split(".")[-1],
               "repeats": args.repeats,
               "training": bench_training(config, args.batch_size, args.steps, device, dtype, args.repeats),
-              "generation": bench_generation(config, args.config, args.audio_seconds, device, dtype, args.repeats)}
+              "generation": bench_generation(config, args.config, args.audio_seconds, device, dtype, args.repeats,
+                                             args.render_batch_size)}
     if not cuda:
         result["note"] = (f"no CUDA device: the {args.config} configuration in fp32 on CPU, not the release size; "
                           "MFU is reported on CUDA only")

@@ -238,3 +238,21 @@ def test_decode_keeps_batch_and_time_axes(tiny):
     s_r, r_s, feats = tiny.encode_image(torch.randn(1, 3, 128, 128))
     video = tiny.decode(s_r, feats, torch.zeros(1, 1, tiny.config.dim_w))
     assert video.shape == (1, 1, 3, 128, 128)
+
+
+def test_batched_rendering_draws_the_frames_of_one_at_a_time(tiny):
+    """Frames rendered 3 at a time for 2 portraits are those rendered one by one, up to float32 rounding: both lie
+    as close to a float64 rendering (measured on the tiny checkpoint: equal errors within 10%)."""
+    import copy
+
+    size, g = tiny.config.input_size, torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        s_r, _, feats = tiny.encode_image(torch.rand(2, 3, size, size, generator=g) * 2 - 1)
+        motion = torch.randn(2, 7, tiny.config.dim_w, generator=g) * 0.1
+        one, batched = tiny.decode(s_r, feats, motion, 1), tiny.decode(s_r, feats, motion, 3)
+        exact = copy.deepcopy(tiny).double().decode(s_r.double(), [f.double() for f in feats], motion.double(), 1)
+    assert batched.shape == one.shape == (2, 7, 3, size, size)
+    error_one, error_batched = ((x.double() - exact).abs().max().item() for x in (one, batched))
+    assert error_batched <= 2 * error_one + 1e-6, (error_batched, error_one)
+    with pytest.raises(ValueError, match="render batch size must be >= 1"):
+        tiny.decode(s_r, feats, motion, 0)

@@ -110,22 +110,36 @@ class FLOAT(FloatPretrainedMixin, nn.Module):
                                repeat_window_noise=repeat_window_noise)
 
     @torch.no_grad()
-    def decode(self, s_r: torch.Tensor, feats: list[torch.Tensor], motion: torch.Tensor) -> torch.Tensor:
-        """Render (B, T, 3, H, W) frames: frame t from ``s_r + motion[:, t]``."""
-        frames = [self.motion_autoencoder.decode(s_r + motion[:, t], feats)[0] for t in range(motion.shape[1])]
-        return torch.stack(frames, dim=1)
+    def decode(self, s_r: torch.Tensor, feats: list[torch.Tensor], motion: torch.Tensor,
+               batch_size: int = 1) -> torch.Tensor:
+        """Render (B, T, 3, H, W) frames: frame t from ``s_r + motion[:, t]``, ``batch_size`` frames per decoder
+        call. Each frame is computed on its own (per-sample modulated convolutions): batching only fills a GPU;
+        on CPUs it was slower (BENCHMARKS.md)."""
+        if batch_size < 1:
+            raise ValueError(f"render batch size must be >= 1, got {batch_size}")
+        b, t = motion.shape[:2]
+        chunks = []
+        for start in range(0, t, batch_size):
+            k = min(batch_size, t - start)
+            latents = (s_r[:, None] + motion[:, start:start + k]).reshape(b * k, -1)
+            repeated = [f[:, None].expand(b, k, *f.shape[1:]).reshape(b * k, *f.shape[1:]) for f in feats]
+            frames = self.motion_autoencoder.decode(latents, repeated)[0]
+            chunks.append(frames.reshape(b, k, *frames.shape[1:]))
+        return torch.cat(chunks, dim=1)
 
     @torch.no_grad()
     def inference(self, img: torch.Tensor, audio: torch.Tensor, *, emotion: str | None = None,
-                  audio_features: torch.Tensor | None = None, **sample_options) -> dict[str, torch.Tensor]:
+                  audio_features: torch.Tensor | None = None, render_batch_size: int = 1,
+                  **sample_options) -> dict[str, torch.Tensor]:
         """Talking-portrait frames for a portrait (B, 3, H, W) and a normalised waveform (B, N).
 
         emotion: one of the classifier's labels, or None / 'S2E' to predict it from the whole
-        clip. ``audio_features`` replaces the wav2vec2 pass with cached features. Other keyword
-        arguments go to :meth:`sample`. Returns ``video`` (B, T, 3, H, W), ``motion`` and ``r_s``.
+        clip. ``audio_features`` replaces the wav2vec2 pass with cached features. Frames are
+        rendered ``render_batch_size`` at a time. Other keyword arguments go to :meth:`sample`.
+        Returns ``video`` (B, T, 3, H, W), ``motion`` and ``r_s``.
         """
         s_r, r_s, feats = self.encode_image(img)
         wa = self.audio_condition(audio, audio_features)
         we = self.emotion_encoder.condition(audio, emotion)
         motion = self.sample(r_s, wa, we, **sample_options)
-        return {"video": self.decode(s_r, feats, motion), "motion": motion, "r_s": r_s}
+        return {"video": self.decode(s_r, feats, motion, render_batch_size), "motion": motion, "r_s": r_s}
