@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
+
 from omniflow.models.float.cli import PresetOptions, is_export_folder, resolve_release_checkpoint
 from omniflow.models.float.config import EMOTION_LABELS, ODE_METHODS, FloatConfig
 from omniflow.runtime.errors import ConfigError, DataError, run_main
@@ -66,6 +68,8 @@ class GenerateOptions:
     a_cfg_scale: Optional[float] = field(default=None, metadata={"help": "audio guidance scale"})
     e_cfg_scale: Optional[float] = field(default=None, metadata={"help": "emotion guidance scale"})
     r_cfg_scale: Optional[float] = field(default=None, metadata={"help": "reference guidance scale"})
+    min_face_size: int = field(default=64, metadata={
+        "help": "refuse a portrait whose face crop (today the centre square) is smaller than this many pixels"})
     render_batch_size: Optional[int] = field(default=None, metadata={
         "help": "frames per motion-decoder call (default: 16 on CUDA, 1 on CPU, where batching was slower)"})
     save_motion: bool = field(default=False, metadata={"help": "also save the motion latents (.safetensors)"})
@@ -117,26 +121,27 @@ def load_model(opts: GenerateOptions, preset: str) -> FLOAT:
     return FLOAT.from_release({**motion_state(opts.motion_autoencoder, config), **state}, config)
 
 
-def read_portrait(path: str, size: int) -> torch.Tensor:
-    import numpy as np
-    import torch
+def read_portrait(path: str, min_face_size: int) -> np.ndarray:
+    """The reference image as uint8 (h, w, 3), refused when unreadable or too small to show a face."""
     from PIL import Image, UnidentifiedImageError
 
-    from omniflow.data.float_media import square_crop
+    from omniflow.data.float_media import check_face_size
     try:
         with Image.open(path) as image:
             array = np.array(image.convert("RGB"))
     except (OSError, UnidentifiedImageError) as err:
         raise DataError(f"{path}: cannot read the reference image ({err})") from None
-    return torch.from_numpy(square_crop(array, size)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    check_face_size(min(array.shape[:2]), min_face_size, path)
+    return array
 
 
 def main(argv: list[str] | None = None) -> dict:
     opts, preset = parse_options(GenerateOptions, PresetOptions, args=argv, config_flags=("--config-file",))
     out = Path(opts.res_video_path)
+    portrait_image = read_portrait(opts.ref_path, opts.min_face_size)  # before the model loads
     import torch  # after the flags: --help and a wrong flag do not wait for it
 
-    from omniflow.data.float_media import read_audio, write_video
+    from omniflow.data.float_media import read_audio, square_crop, write_video
     from omniflow.models.float import WaveformNormalizer
     from omniflow.runtime.tracking import setup_logging
 
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = model.config
     waveform = read_audio(opts.aud_path, config.sampling_rate)
     audio = WaveformNormalizer(config.wav2vec_model_path)(waveform, config.sampling_rate).to(device)
-    portrait = read_portrait(opts.ref_path, config.input_size).to(device)
+    portrait = torch.from_numpy(square_crop(portrait_image, config.input_size)).permute(2, 0, 1)[None].float()
+    portrait = (portrait / 127.5 - 1).to(device)
     calls = []
     hook = model.fmt.register_forward_hook(lambda *_: calls.append(1))
     start = time.perf_counter()

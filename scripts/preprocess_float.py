@@ -39,6 +39,8 @@ class PreprocessOptions:
                 "classifier's prediction"})
     min_loudness_db: float = field(default=-50.0, metadata={
         "help": "clips whose audio RMS level (dBFS) is below this are skipped as silent"})
+    min_face_size: int = field(default=64, metadata={
+        "help": "clips whose face crop (today the centre square) is smaller than this many pixels are skipped"})
     batch_size: int = field(default=16, metadata={"help": "frames per motion-encoder batch"})
     feature_dtype: str = field(default="float16", metadata={
         "help": "storage dtype of the audio features", "choices": list(FEATURE_DTYPES)})

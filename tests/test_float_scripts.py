@@ -22,6 +22,7 @@ from scipy.io import wavfile
 
 from float_helpers import EMOTION_DIR, SPEECH, TINY_CHECKPOINT, tiny_config, write_talking_head, write_wide_wav2vec2
 from omniflow.models.float import EMOTION_LABELS, MotionAutoEncoder
+from omniflow.runtime.errors import DataError
 import runtime_helpers
 from runtime_helpers import REPO, assert_pickle_free, env
 
@@ -65,6 +66,7 @@ def videos(work):
     write_talking_head(folder / "clip_a.mp4", SPEECH[0])
     write_talking_head(folder / "clip_b.mp4", SPEECH[1], phase=1.0)
     write_talking_head(folder / "silent.mp4", None)
+    write_talking_head(folder / "tiny.mp4", SPEECH[0], size=(12, 16))  # too small to show a face
     whole = (folder / "clip_a.mp4").read_bytes()
     (folder / "broken.mp4").write_bytes(whole[: len(whole) // 2])
     return folder
@@ -158,8 +160,9 @@ def test_preprocess_writes_clip_shards_and_lists_skipped_clips(shards, videos, w
     assert (clips["clip_a"]["emotion"], clips["clip_a"]["emotion_source"]) == ("happy", "label")
     assert clips["clip_b"]["emotion_source"] == "classifier"
     skipped = {s["source"].rsplit("/", 1)[1]: s["reason"] for s in manifest["skipped"]}
-    assert skipped.keys() == {"broken.mp4", "silent.mp4"}
+    assert skipped.keys() == {"broken.mp4", "silent.mp4", "tiny.mp4"}
     assert "cannot decode" in skipped["broken.mp4"] and "silent audio" in skipped["silent.mp4"]
+    assert "face crop is 12 px, below --min_face_size 64 px" in skipped["tiny.mp4"]
     assert manifest["wav2vec_model_path"] == str(wav2vec2)  # given relative to the folder it ran in
     assert "no face detector is installed" in (shards / "preprocess.log").read_text()
 
@@ -304,3 +307,14 @@ def test_released_layout_and_export_folder_generate_the_same_video(generate_main
                                "--motion_autoencoder", TINY_CHECKPOINT, "--nfe", 3)
     assert torch.equal(a, b)
     assert from_release["frames"] == from_export["frames"] == 23
+
+
+def test_a_portrait_too_small_to_show_a_face_is_refused_before_the_model_loads(generate_main, short_speech, work):
+    from PIL import Image
+    from skimage import data as skdata
+
+    small = work / "small_portrait.png"
+    Image.fromarray(skdata.astronaut()).resize((40, 30)).save(small)
+    with pytest.raises(DataError, match=r"small_portrait\.png: its face crop is 30 px, below --min_face_size 64"):
+        generate_main(["--ref_path", str(small), "--aud_path", str(short_speech), "--ckpt_path", str(work / "none"),
+                       "--res_video_path", str(work / "small.mp4")])

@@ -74,6 +74,25 @@ def square_crop(image: np.ndarray, size: int) -> np.ndarray:
     return np.array(crop)  # writable, for torch.from_numpy
 
 
+def video_frame_size(path: PathLike) -> tuple[int, int]:
+    """(height, width) of the first video stream's frames; :class:`MediaError` when there is none."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            return stream.height, stream.width
+    except (av.FFmpegError, OSError) as err:
+        raise MediaError(f"{path}: cannot decode video ({type(err).__name__}: {err})") from None
+
+
+def check_face_size(side: int, min_face_size: int, what: str) -> None:
+    """Refuse a face crop of ``side`` px below ``min_face_size``: upscaled to the model's size it shows no face."""
+    if side < min_face_size:
+        raise MediaError(f"{what}: its face crop is {side} px, below --min_face_size {min_face_size} px (too small "
+                         f"to show a face; it would only be upscaled)")
+
+
 def iter_video_frames(path: PathLike, fps: float, size: int) -> Iterator[np.ndarray]:
     """Frames of the first video stream at ``fps``, as (size, size, 3) uint8 centre crops.
 

@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ...data.float_media import iter_video_frames, loudness_dbfs, read_audio
+from ...data.float_media import check_face_size, iter_video_frames, loudness_dbfs, read_audio, video_frame_size
 from ...data.float_shards import read_json_object
 from ...runtime.errors import ConfigError, DataError
 from .audio import (AudioEncoder, EmotionEncoder, WaveformNormalizer, frames_for_samples, load_audio_backbone,
@@ -79,6 +79,7 @@ def read_labels(path: Optional[str]) -> dict[str, str]:
 def encode_clip(encoder: ClipEncoder, video: str, label: Optional[str]) -> tuple[dict[str, torch.Tensor], str, str]:
     """Shard tensors of one video, and its emotion label and source. Raises DataError to skip it."""
     config, opts = encoder.config, encoder.opts
+    check_face_size(min(video_frame_size(video)), opts.min_face_size, "the video")  # centre crop: the short side
     waveform = read_audio(video, config.sampling_rate)
     level = loudness_dbfs(waveform)
     if level < opts.min_loudness_db:
