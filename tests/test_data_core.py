@@ -152,9 +152,11 @@ def test_streaming_with_two_workers_resumes_exactly_and_transforms_in_the_worker
     assert os.getpid() not in pids and len(pids) >= 2  # prepared in worker processes
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
 def test_pinning_keeps_the_batch_structure():
     from omniflow.data.core import pinned
 
     batch = {"a": torch.ones(2), "b": [torch.zeros(1), "text"], "c": (torch.arange(3),)}
-    out = pinned(batch) if torch.cuda.is_available() else batch
+    out = pinned(batch)
     assert out.keys() == batch.keys() and out["b"][1] == "text" and torch.equal(out["c"][0], torch.arange(3))
+    assert out["a"].is_pinned() and out["b"][0].is_pinned() and out["c"][0].is_pinned()

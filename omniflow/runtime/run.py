@@ -313,7 +313,8 @@ class TrainingRun:
             self._unchecked.append((step, names, torch.stack([values[k].reshape(()) for k in names])))
         bad_floats = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
         if bad_floats:
-            self._unchecked.append((step, list(bad_floats), torch.tensor(list(bad_floats.values()), dtype=torch.float64)))
+            values_on_host = torch.tensor(list(bad_floats.values()), dtype=torch.float64)
+            self._unchecked.append((step, list(bad_floats), values_on_host))
 
     def _stop_if_non_finite(self) -> None:
         """One host sync: raise NonFiniteLossError naming the first step with a NaN/inf term, on every rank."""
