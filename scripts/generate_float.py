@@ -1,6 +1,7 @@
 """Talking-portrait video from a reference image and speech with FLOAT.
 
-The portrait is centre-cropped to a square; the motion latents are sampled window by window
+The portrait is cut to FLOAT's official face crop (1.6x the face box MTCNN finds; ``--face_detector none``:
+the centre square) and refused without a face; the motion latents are sampled window by window
 with the ODE method, evaluation count and guidance scales given; the video is written as MP4
 (H.264, or MPEG-4 when H.264 cannot be encoded) with the speech muxed in as AAC. A JSON report
 next to the video gives frames, windows, velocity evaluations and the compute time.
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from omniflow.data.face_crop import FACE_DETECTORS, SquareCrop
 from omniflow.models.float.cli import PresetOptions, is_export_folder, resolve_release_checkpoint
 from omniflow.models.float.config import EMOTION_LABELS, ODE_METHODS, FloatConfig
 from omniflow.runtime.errors import ConfigError, DataError, run_main
@@ -68,8 +70,12 @@ class GenerateOptions:
     a_cfg_scale: Optional[float] = field(default=None, metadata={"help": "audio guidance scale"})
     e_cfg_scale: Optional[float] = field(default=None, metadata={"help": "emotion guidance scale"})
     r_cfg_scale: Optional[float] = field(default=None, metadata={"help": "reference guidance scale"})
+    face_detector: str = field(default="mtcnn", metadata={
+        "help": "face detector for the crop (mtcnn: facenet-pytorch's MTCNN); none: the centre square",
+        "choices": list(FACE_DETECTORS)})
     min_face_size: int = field(default=64, metadata={
-        "help": "refuse a portrait whose face crop (today the centre square) is smaller than this many pixels"})
+        "help": "refuse a portrait whose face crop (the centre square with --face_detector none) is smaller than "
+                "this many source pixels"})
     render_batch_size: Optional[int] = field(default=None, metadata={
         "help": "frames per motion-decoder call (default: 16 on CUDA, 1 on CPU, where batching was slower)"})
     save_motion: bool = field(default=False, metadata={"help": "also save the motion latents (.safetensors)"})
@@ -121,24 +127,34 @@ def load_model(opts: GenerateOptions, preset: str) -> FLOAT:
     return FLOAT.from_release({**motion_state(opts.motion_autoencoder, config), **state}, config)
 
 
-def read_portrait(path: str, min_face_size: int) -> np.ndarray:
-    """The reference image as uint8 (h, w, 3), refused when unreadable or too small to show a face."""
+def read_portrait(path: str) -> np.ndarray:
+    """The reference image as uint8 (h, w, 3); DataError when unreadable."""
     from PIL import Image, UnidentifiedImageError
-
-    from omniflow.data.float_media import check_face_size
     try:
         with Image.open(path) as image:
-            array = np.array(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
     except (OSError, UnidentifiedImageError) as err:
         raise DataError(f"{path}: cannot read the reference image ({err})") from None
-    check_face_size(min(array.shape[:2]), min_face_size, path)
-    return array
+
+
+def portrait_crop(image: np.ndarray, opts: GenerateOptions, device) -> SquareCrop | None:
+    """The face crop of the portrait (None: the centre square), refused without a face or below --min_face_size."""
+    from omniflow.data.face_detect import face_detector, image_face_crop
+    from omniflow.data.float_media import check_face_size
+    detector = face_detector(opts.face_detector, device)
+    check_face_size(min(image.shape[:2]), opts.min_face_size, opts.ref_path,
+                    "face crop" if detector is None else "short side")
+    if detector is None:
+        return None
+    crop = image_face_crop(detector, image, opts.ref_path)
+    check_face_size(crop.side, opts.min_face_size, opts.ref_path)
+    return crop
 
 
 def main(argv: list[str] | None = None) -> dict:
     opts, preset = parse_options(GenerateOptions, PresetOptions, args=argv, config_flags=("--config-file",))
     out = Path(opts.res_video_path)
-    portrait_image = read_portrait(opts.ref_path, opts.min_face_size)  # before the model loads
+    portrait_image = read_portrait(opts.ref_path)
     import torch  # after the flags: --help and a wrong flag do not wait for it
 
     from omniflow.data.float_media import read_audio, square_crop, write_video
@@ -147,11 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     setup_logging(None, True)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    crop = portrait_crop(portrait_image, opts, device)  # refused before the model loads
     model = load_model(opts, preset.config).to(device).eval()
     config = model.config
     waveform = read_audio(opts.aud_path, config.sampling_rate)
     audio = WaveformNormalizer(config.wav2vec_model_path)(waveform, config.sampling_rate).to(device)
-    portrait = torch.from_numpy(square_crop(portrait_image, config.input_size)).permute(2, 0, 1)[None].float()
+    square = (square_crop(portrait_image, config.input_size) if crop is None
+              else crop.cut(portrait_image, config.input_size).copy())  # writable, for torch.from_numpy
+    portrait = torch.from_numpy(square).permute(2, 0, 1)[None].float()
     portrait = (portrait / 127.5 - 1).to(device)
     calls = []
     hook = model.fmt.register_forward_hook(lambda *_: calls.append(1))

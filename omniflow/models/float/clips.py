@@ -7,13 +7,17 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ...data.float_media import check_face_size, iter_video_frames, loudness_dbfs, read_audio, video_frame_size
+from ...data.face_detect import face_detector, video_face_crop
+from ...data.float_media import (MediaError, check_face_size, iter_video_frames, loudness_dbfs, read_audio,
+                                 sample_video_frames, video_frame_size)
 from ...data.float_shards import read_json_object
 from ...runtime.errors import ConfigError, DataError
 from .audio import (AudioEncoder, EmotionEncoder, WaveformNormalizer, frames_for_samples, load_audio_backbone,
                     load_emotion_classifier)
 from .cli import load_motion_autoencoder
 from .config import EMOTION_LABELS, FloatConfig
+
+FACE_SAMPLE_SECONDS = 0.5  # a clip's face crop is the median of boxes found this often
 
 
 class ClipEncoder:
@@ -30,6 +34,7 @@ class ClipEncoder:
         self.audio = AudioEncoder.from_config(config, backbone).to(device).eval()
         self.normalize = WaveformNormalizer(config.wav2vec_model_path)
         self._emotion: EmotionEncoder | None = None
+        self.detector = face_detector(opts.face_detector, device)
 
     @property
     def emotion(self) -> EmotionEncoder:
@@ -79,15 +84,21 @@ def read_labels(path: Optional[str]) -> dict[str, str]:
 def encode_clip(encoder: ClipEncoder, video: str, label: Optional[str]) -> tuple[dict[str, torch.Tensor], str, str]:
     """Shard tensors of one video, and its emotion label and source. Raises DataError to skip it."""
     config, opts = encoder.config, encoder.opts
-    check_face_size(min(video_frame_size(video)), opts.min_face_size, "the video")  # centre crop: the short side
     waveform = read_audio(video, config.sampling_rate)
     level = loudness_dbfs(waveform)
     if level < opts.min_loudness_db:
-        raise DataError(f"silent audio ({level:.1f} dBFS < --min_loudness_db {opts.min_loudness_db})")
-    motion, first = encoder.motion_latents(iter_video_frames(video, config.fps, config.input_size))
+        raise MediaError(f"silent audio ({level:.1f} dBFS < --min_loudness_db {opts.min_loudness_db})", kind="silent")
+    crop = None  # the centre square, whose side is the frames' short side
+    check_face_size(min(video_frame_size(video)), opts.min_face_size, "the video",
+                    "face crop" if encoder.detector is None else "frames' short side")
+    if encoder.detector is not None:
+        crop = video_face_crop(encoder.detector, sample_video_frames(video, FACE_SAMPLE_SECONDS), "the video")
+        check_face_size(crop.side, opts.min_face_size, "the video")
+    motion, first = encoder.motion_latents(iter_video_frames(video, config.fps, config.input_size, crop))
     frames = min(len(motion), frames_for_samples(len(waveform), config.sampling_rate, config.fps))
     if frames < config.window:
-        raise DataError(f"{frames} frames with audio: shorter than one training window ({config.window} frames)")
+        raise MediaError(f"{frames} frames with audio: shorter than one training window ({config.window} frames)",
+                         kind="too_short")
     normalized = encoder.normalize(waveform, config.sampling_rate)
     features = encoder.audio_features(normalized, frames)
     if label is not None:
