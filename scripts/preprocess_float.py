@@ -5,7 +5,9 @@ For every video under ``--input_dir``: the frames are resampled to ``--fps`` and
 the median of MTCNN's boxes every half second; ``--face_detector none``: the centre square), encoded into motion latents by the frozen motion auto-encoder; the
 audio track is resampled to ``--sampling_rate`` and turned into per-frame wav2vec2 features
 (before FLOAT's trained projection); the emotion comes from ``--emotion_labels`` or the
-speech-emotion classifier. Unreadable, silent or too short clips, and clips without a face in at
+speech-emotion classifier. Damaged packets are skipped as the ffmpeg command line does, their seconds
+recorded per clip (``lost_audio_seconds``, ``lost_video_seconds``). Unreadable, silent or too short clips,
+clips losing more than ``--max_lost_fraction`` of their audio or video to damage, and clips without a face in at
 least half of the sampled frames or with a face crop below ``--min_face_size`` px, are skipped and listed
 in the manifest with the reason (``skipped``) and counted by kind (``skipped_counts``).
 
@@ -47,6 +49,10 @@ class PreprocessOptions:
     min_face_size: int = field(default=64, metadata={
         "help": "clips whose face crop (the centre square with --face_detector none) is smaller than this many "
                 "source pixels are skipped"})
+    max_lost_fraction: float = field(default=0.05, metadata={
+        "help": "damaged audio or video packets are skipped (audio: silence in their place; video: the frame "
+                "before is held) and their seconds recorded per clip; a clip losing more than this fraction of "
+                "its audio or video is skipped"})
     batch_size: int = field(default=16, metadata={"help": "frames per motion-encoder batch"})
     feature_dtype: str = field(default="float16", metadata={
         "help": "storage dtype of the audio features", "choices": list(FEATURE_DTYPES)})
@@ -55,6 +61,8 @@ class PreprocessOptions:
     def validate(self) -> None:
         if not self.input_dir:
             raise DataError("--input_dir is required")
+        if not 0 <= self.max_lost_fraction <= 1:
+            raise DataError(f"--max_lost_fraction must be in [0, 1], got {self.max_lost_fraction}")
         if self.batch_size < 1:
             raise DataError(f"--batch_size must be >= 1, got {self.batch_size}")
 
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> Path:
         name = Path(video)
         label = labels.get(clip_id, labels.get(name.name, labels.get(name.stem)))
         try:
-            tensors, emotion, source = encode_clip(encoder, video, label)
+            tensors, emotion, source, lost = encode_clip(encoder, video, label)
         except DataError as err:
             reason = str(err).removeprefix(f"{video}: ")
             logger.warning("skipped %s: %s", video, reason)
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
         shard = write_clip(out, clip_id, tensors, config.fps)
         frames = len(tensors["motion"])
         clips.append(ClipRecord(id=clip_id, source=video, shard=shard, frames=frames, fps=config.fps,
-                                emotion=emotion, emotion_source=source))
+                                emotion=emotion, emotion_source=source, **lost))
         logger.info("%s: %d frames, emotion %s (%s)", clip_id, frames, emotion, source)
     settings = {"fps": config.fps, "sampling_rate": config.sampling_rate, "input_size": config.input_size,
                 "dim_w": config.dim_w, "audio_feature_dim": config.audio_feature_dim,

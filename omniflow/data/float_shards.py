@@ -47,6 +47,8 @@ class ClipRecord:
     fps: float
     emotion: str  # the given label, or the classifier's most probable one
     emotion_source: str  # "label" or "classifier"
+    lost_audio_seconds: float = 0.0  # skipped as damaged (audio: filled with silence; video: frame before held)
+    lost_video_seconds: float = 0.0
 
 
 def clip_id_for(path: str | os.PathLike, taken: set[str]) -> str:

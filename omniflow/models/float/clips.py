@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ...data.face_detect import face_detector, video_face_crop
-from ...data.float_media import (MediaError, check_face_size, iter_video_frames, loudness_dbfs, read_audio,
+from ...data.float_media import (DecodeLoss, MediaError, check_face_size, iter_video_frames, loudness_dbfs, read_audio,
                                  sample_video_frames, video_frame_size)
 from ...data.float_shards import read_json_object
 from ...runtime.errors import ConfigError, DataError
@@ -81,10 +81,14 @@ def read_labels(path: Optional[str]) -> dict[str, str]:
     return {k: str(v).lower() for k, v in labels.items()}
 
 
-def encode_clip(encoder: ClipEncoder, video: str, label: Optional[str]) -> tuple[dict[str, torch.Tensor], str, str]:
-    """Shard tensors of one video, and its emotion label and source. Raises DataError to skip it."""
+def encode_clip(encoder: ClipEncoder, video: str,
+                label: Optional[str]) -> tuple[dict[str, torch.Tensor], str, str, dict[str, float]]:
+    """Shard tensors of one video, its emotion label and source, and the seconds of audio and video lost to
+    damaged packets (skipped; within --max_lost_fraction). Raises DataError to skip it."""
     config, opts = encoder.config, encoder.opts
-    waveform = read_audio(video, config.sampling_rate)
+    audio_loss, video_loss = DecodeLoss("audio"), DecodeLoss("video")
+    waveform = read_audio(video, config.sampling_rate, audio_loss)
+    audio_loss.check(video, len(waveform) / config.sampling_rate, opts.max_lost_fraction)
     level = loudness_dbfs(waveform)
     if level < opts.min_loudness_db:
         raise MediaError(f"silent audio ({level:.1f} dBFS < --min_loudness_db {opts.min_loudness_db})", kind="silent")
@@ -94,7 +98,8 @@ def encode_clip(encoder: ClipEncoder, video: str, label: Optional[str]) -> tuple
     if encoder.detector is not None:
         crop = video_face_crop(encoder.detector, sample_video_frames(video, FACE_SAMPLE_SECONDS), "the video")
         check_face_size(crop.side, opts.min_face_size, "the video")
-    motion, first = encoder.motion_latents(iter_video_frames(video, config.fps, config.input_size, crop))
+    motion, first = encoder.motion_latents(iter_video_frames(video, config.fps, config.input_size, crop, video_loss))
+    video_loss.check(video, len(motion) / config.fps, opts.max_lost_fraction)
     frames = min(len(motion), frames_for_samples(len(waveform), config.sampling_rate, config.fps))
     if frames < config.window:
         raise MediaError(f"{frames} frames with audio: shorter than one training window ({config.window} frames)",
@@ -109,4 +114,5 @@ def encode_clip(encoder: ClipEncoder, video: str, label: Optional[str]) -> tuple
         label = encoder.emotion.labels[int(emotion.argmax())]
     tensors = {"motion": motion[:frames], "audio_features": features.to(getattr(torch, opts.feature_dtype)),
                "emotion": emotion, "reference_image": first}
-    return tensors, label, source
+    lost = {"lost_audio_seconds": round(audio_loss.seconds, 6), "lost_video_seconds": round(video_loss.seconds, 6)}
+    return tensors, label, source, lost
