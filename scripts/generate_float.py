@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch  # after the flags: --help and a wrong flag do not wait for it
 
     from omniflow.data.float_media import read_audio, square_crop, write_video
+    from omniflow.flow.sampler import ADAPTIVE_METHODS
     from omniflow.models.float import WaveformNormalizer
     from omniflow.runtime.tracking import setup_logging
 
@@ -182,9 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
     frames = ((result["video"][0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     write_video(out, frames, config.fps, waveform, config.sampling_rate)
     windows = math.ceil(len(frames) / config.window)
+    adaptive = config.torchdiffeq_ode_method in ADAPTIVE_METHODS
+    # nfe: what ran, per window (dopri5 picks its own steps: a mean); what was asked for beside it
+    solver = ({"ode_atol": config.ode_atol, "ode_rtol": config.ode_rtol} if adaptive else {"nfe_requested": config.nfe})
     report = {"video": str(out), "frames": len(frames), "fps": config.fps, "seconds": len(frames) / config.fps,
-              "windows": windows, "method": config.torchdiffeq_ode_method, "nfe": config.nfe,
-              "velocity_evaluations": len(calls), "evaluations_per_window": len(calls) / windows,
+              "windows": windows, "method": config.torchdiffeq_ode_method, "nfe": len(calls) / windows, **solver,
+              "velocity_evaluations": len(calls),
               "guidance": dataclasses.asdict(config.guidance_scales()), "emotion": opts.emotion, "seed": opts.seed,
               "render_batch_size": render_batch_size, "compute_seconds": compute,
               "video_seconds_per_compute_second": len(frames) / config.fps / compute}

@@ -38,11 +38,11 @@ class FloatTrainOptions:
     val_data_dir: Optional[str] = field(default=None, metadata={
         "help": "preprocessed validation folder (windows tiled from frame 0); none: no validation"})
     pretrained_float: Optional[str] = field(default=None, metadata={
-        "help": "fine-tune from a released float.pth (file, folder or hub name): strict load of the FMT and "
-                "the audio projection"})
+        "help": "fine-tune from a released float.pth (file, folder or hub name) or an export of this script "
+                "(folder or its model.safetensors): strict load of the FMT and the audio projection"})
     motion_autoencoder: Optional[str] = field(default=None, metadata={
         "help": "released float.pth or MotionAutoEncoder export, to render samples and write the released "
-                "layout (default: --pretrained_float)"})
+                "layout (default: --pretrained_float when it holds one; an export does not)"})
     # optimisation (seed names)
     batch_size: int = field(default=8, metadata={"help": "windows per process and micro-batch",
                                                   "aliases": ["--batch-size"]})
@@ -160,10 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     from omniflow.data import ResumableLoader
     from omniflow.data.float_shards import MANIFEST_NAME, FloatWindowDataset
     from omniflow.flow import ConditionDropout, RectifiedFlow
-    from omniflow.models.float.training import (build_model, build_optimizer, ema_of, export, read_sample_source,
-                                                validate, write_sample)
+    from omniflow.models.float.training import (build_model, build_optimizer, ema_of, export, motion_autoencoder_source,
+                                                read_sample_source, validate, write_sample)
     from omniflow.runtime.run import TrainingRun, optimizer_steps
 
+    motion_source = motion_autoencoder_source(opts)  # before anything is written
     train_set = FloatWindowDataset(opts.data_dir, config.num_prev_frames, config.window, seed=train_opts.seed)
     check_data(train_set, config, opts.data_dir)
     # generation must use the wav2vec2 models that made the training features
@@ -199,7 +200,6 @@ def main(argv: list[str] | None = None) -> None:
     stopper = EarlyStopping(opts.early_stopping_patience, opts.early_stopping_min_delta)
     run.register_state("early_stopping", stopper)
     exported = ema.module if ema is not None else model  # what validation, samples and exports use
-    motion_source = opts.motion_autoencoder or opts.pretrained_float
     motion_ae = load_motion_autoencoder(motion_source, config).to(run.device) if motion_source and run.is_main else None
     sample_source = None
     if opts.sample_interval and run.is_main:

@@ -9,8 +9,10 @@
 #   NUM_GPUS           processes (default: the visible GPUs, at least 1)
 #   DATA_DIR, VAL_DATA_DIR, OUTPUT_DIR   preprocessed training / validation data and the run folder
 #   FLOAT_CKPT         a released float.pth: fine-tune from it (its motion auto-encoder renders the samples)
+#   CONFIG_FILE        the run's options as JSON (default: configs/float/example_config.json, the release-size
+#                      model with bf16, batch 8, lr 1e-4, checkpoints every 2000 steps resumed from the latest)
 #   PYTHON             the interpreter (default: python)
-# Flags given to this script come last and override the defaults below.
+# Precedence: CONFIG_FILE < the data/output folders above < flags given to this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,11 +23,11 @@ DATA_DIR=${DATA_DIR:-data/float}
 VAL_DATA_DIR=${VAL_DATA_DIR:-data/float_val}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/float_rectified_flow}
 
-args=(--data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR" --mixed_precision bf16 --batch_size 8
-      --learning_rate 1e-4 --checkpointing_steps 2000 --checkpoints_total_limit 3 --resume_from_checkpoint latest
-      --sample_interval 2000 --report_to tensorboard)
+CONFIG_FILE=${CONFIG_FILE:-configs/float/example_config.json}
+
+args=(--config-file "$CONFIG_FILE" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR")
 if [[ -f "$VAL_DATA_DIR/manifest.json" ]]; then
-    args+=(--val_data_dir "$VAL_DATA_DIR" --eval_interval 1000 --early_stopping_patience 10)
+    args+=(--val_data_dir "$VAL_DATA_DIR" --early_stopping_patience 10)
 fi
 if [[ -n "${FLOAT_CKPT:-}" ]]; then
     args+=(--pretrained_float "$FLOAT_CKPT" --export_release)

@@ -24,7 +24,7 @@ from float_helpers import EMOTION_DIR, SPEECH, TINY_CHECKPOINT, tiny_config, wri
 from omniflow.models.float import EMOTION_LABELS, MotionAutoEncoder
 from omniflow.runtime.errors import DataError
 import runtime_helpers
-from runtime_helpers import REPO, assert_pickle_free, env
+from runtime_helpers import REPO, assert_pickle_free, env, error_line
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,8 @@ SCRIPTS = REPO / "scripts"
 FULL_STEPS, RESUME_AT = 24, 12
 
 
-def run_script(name: str, *args, processes: int = 1, cwd=REPO) -> subprocess.CompletedProcess:
-    return runtime_helpers.run_script(SCRIPTS / name, *args, processes=processes, cwd=cwd)
+def run_script(name: str, *args, processes: int = 1, cwd=REPO, check=True) -> subprocess.CompletedProcess:
+    return runtime_helpers.run_script(SCRIPTS / name, *args, processes=processes, cwd=cwd, check=check)
 
 
 def metrics(run_dir) -> list[dict]:
@@ -84,10 +84,10 @@ def shards(work, videos, wav2vec2):
     return out
 
 
-def train(shards, out, *extra):
+def train(shards, out, *extra, check=True):
     return run_script("train_rectified_flow.py", "--config", "tiny", "--data_dir", shards, "--output_dir", out,
                       "--batch_size", 4, "--logging_steps", 1, "--learning_rate", 1e-3, "--lr_warmup_epochs", 0,
-                      "--ema_decay", 0.9, *extra)
+                      "--ema_decay", 0.9, *extra, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,11 @@ def trained(work, shards):
 VALIDATION_FLAGS = ["--batch_size", "3", "--max_val_batches", "3", "--eval_interval", "1"]
 
 
+LAUNCHER_FLAGS = ["--config", "tiny", "--mixed_precision", "no", "--learning_rate", "0", "--max_train_steps", "6",
+                  *VALIDATION_FLAGS, "--early_stopping_patience", "1", "--early_stopping_min_delta", "1e9",
+                  "--sample_interval", "0", "--report_to", "none"]
+
+
 @pytest.fixture(scope="module")
 def fine_tuned(work, shards):
     """Through the example launcher (accelerate launch, CPU config): lr 0 from the tiny reference
@@ -112,10 +117,7 @@ def fine_tuned(work, shards):
     launcher_env = {**env(), "PYTHON": sys.executable, "ACCELERATE_CONFIG": "cpu", "NUM_GPUS": "1",
                     "DATA_DIR": str(shards), "VAL_DATA_DIR": str(shards), "OUTPUT_DIR": str(out),
                     "FLOAT_CKPT": str(TINY_CHECKPOINT)}
-    flags = ["--config", "tiny", "--mixed_precision", "no", "--learning_rate", "0", "--max_train_steps", "6",
-             *VALIDATION_FLAGS, "--early_stopping_patience", "1", "--early_stopping_min_delta", "1e9",
-             "--sample_interval", "0", "--report_to", "none"]
-    result = subprocess.run(["bash", str(SCRIPTS / "train_rectified_flow.sh"), *flags], env=launcher_env,
+    result = subprocess.run(["bash", str(SCRIPTS / "train_rectified_flow.sh"), *LAUNCHER_FLAGS], env=launcher_env,
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -241,6 +243,41 @@ def test_fine_tuning_loads_the_released_checkpoint_strictly_and_stops_early(fine
     assert all(torch.equal(v, reference[k]) for k, v in release.items())
 
 
+def test_fine_tuning_from_our_own_export_takes_the_motion_autoencoder_from_its_flag(trained, shards, work):
+    export = trained / "final"
+    out = work / "run_from_export"
+    train(shards, out, "--pretrained_float", export, "--motion_autoencoder", TINY_CHECKPOINT, "--export_release",
+          "--learning_rate", 0, "--max_train_steps", 1, "--sample_interval", 0, "--report_to", "none")
+    assert (f"--pretrained_float {export} is an export of train_rectified_flow.py: the FMT and the audio projection "
+            f"come from {export / 'model.safetensors'}, the motion auto-encoder from --motion_autoencoder "
+            f"{TINY_CHECKPOINT}") in (out / "train.log").read_text()
+    assert tensors_equal(load_file(str(out / "final" / "model.safetensors")), load_file(str(export / "model.safetensors")))
+    release = load_file(str(out / "final" / "float_release.safetensors"))
+    reference = torch.load(TINY_CHECKPOINT, weights_only=True)
+    assert all(torch.equal(v, reference[k]) for k, v in release.items() if k.startswith("motion_autoencoder."))
+    # its model.safetensors alone, without --motion_autoencoder: --export_release cannot be honoured
+    refused = train(shards, work / "run_refused", "--pretrained_float", export / "model.safetensors",
+                    "--export_release", "--max_train_steps", 1, "--report_to", "none", check=False)
+    assert error_line(refused) == (
+        f"error: ConfigError: --pretrained_float {export / 'model.safetensors'} holds the FMT and the audio "
+        "projection only (an export of train_rectified_flow.py): give --motion_autoencoder (the released "
+        "float.pth) for the motion auto-encoder that --export_release writes")
+    assert not (work / "run_refused").exists()
+
+
+def test_the_launcher_trains_from_the_example_config_with_its_flags_on_top(fine_tuned):
+    from omniflow.runtime.options import load_options_file
+
+    example = load_options_file(REPO / "configs" / "float" / "example_config.json")
+    run = json.loads((fine_tuned / "config.json").read_text())
+    # set by the test's flags, the launcher's folders, or the shards' recorded encoders
+    overridden = {flag[2:] for flag in LAUNCHER_FLAGS if flag.startswith("--")} | {
+        "data_dir", "output_dir", "wav2vec_model_path", "audio2emotion_path"}
+    assert example.keys() - overridden and {k: run[k] for k in example.keys() - overridden} == {
+        k: v for k, v in example.items() if k not in overridden}
+    assert (run["config"], run["mixed_precision"], example["mixed_precision"]) == ("tiny", "no", "bf16")
+
+
 # ---- generation -------------------------------------------------------------------------------
 
 def test_generate_writes_h264_video_with_the_speech(fine_tuned, portrait, model_args, work):
@@ -258,7 +295,7 @@ def test_generate_writes_h264_video_with_the_speech(fine_tuned, portrait, model_
     assert len(frames) == 50 and np.std(frames) > 1
     assert samples == pytest.approx(31364, abs=1100)  # the 1.96 s sentence (AAC pads to 1024-sample frames)
     report = json.loads(out.with_suffix(".json").read_text())
-    assert (report["frames"], report["windows"], report["evaluations_per_window"]) == (50, 5, 3)
+    assert (report["frames"], report["windows"], report["nfe"], report["nfe_requested"]) == (50, 5, 3, 3)
 
 
 def _generate(generate_main, ckpt, speech, portrait, out, *extra):
@@ -277,7 +314,9 @@ def test_each_ode_method_runs_and_nfe_sets_the_evaluations(generate_main, fine_t
                                    work / "gen" / f"{method}{nfe}.mp4", "--torchdiffeq_ode_method", method,
                                    "--nfe", nfe, *base)
         assert report["windows"] == 2 and motion.shape == (23, 32) and motion.isfinite().all()
-        runs[method, nfe] = report["evaluations_per_window"], motion
+        assert report["nfe"] == report["velocity_evaluations"] / report["windows"]  # what ran, not what was asked
+        assert report.get("nfe_requested") == (None if method == "dopri5" else nfe)
+        runs[method, nfe] = report["nfe"], motion
     assert {k: v[0] for k, v in runs.items() if k[0] != "dopri5"} == {
         ("euler", 2): 2, ("euler", 6): 6, ("midpoint", 4): 4, ("rk4", 8): 8}
     assert runs["dopri5", 10][0] >= 6  # adaptive: at least one step of six evaluations (plus the first)

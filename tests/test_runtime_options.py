@@ -33,6 +33,16 @@ def test_config_file_then_cli_override(tmp_path):
     assert (opts.hidden_dim, opts.lr, opts.loss, opts.max_length) == (128, 1e-3, "l1", 77)
 
 
+def test_config_file_sections_are_merged_and_a_key_set_twice_is_refused(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {"hidden_dim": 64}, "training": {"lr": 2e-4}, "loss": "l1"}))
+    opts = parse_options(ModelOptions, args=["--config", str(cfg)])
+    assert (opts.hidden_dim, opts.lr, opts.loss) == (64, 2e-4, "l1")
+    cfg.write_text(json.dumps({"model": {"hidden_dim": 64}, "training": {"hidden_dim": 32}}))
+    with pytest.raises(ConfigError, match=r"c\.json: key 'hidden_dim' is set twice \(sections are merged\)"):
+        parse_options(ModelOptions, args=["--config", str(cfg)])
+
+
 def test_alias_flag_and_alias_key(tmp_path):
     assert parse_options(ModelOptions, args=["--learning_rate", "0.5"]).lr == 0.5
     cfg = tmp_path / "c.json"

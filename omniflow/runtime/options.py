@@ -133,6 +133,18 @@ def load_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
+def load_options_file(path: str | os.PathLike) -> dict:
+    """A JSON file of option values, flat or grouped in sections (``{"model": {...}, "training": {...}}``,
+    merged: no option takes a dict)."""
+    flat: dict = {}
+    for key, value in load_config_file(path).items():
+        for name, item in (value.items() if isinstance(value, dict) else [(key, value)]):
+            if name in flat:
+                raise ConfigError(f"{path}: key {name!r} is set twice (sections are merged)")
+            flat[name] = item
+    return flat
+
+
 def parse_options(
     *option_classes: type,
     args: Sequence[str] | None = None,
@@ -183,7 +195,7 @@ def parse_options(
     values: dict[str, Any] = {}
     sources = [("config defaults", config_values or {})]
     if config_path:
-        sources.append((str(config_path), load_config_file(config_path)))
+        sources.append((str(config_path), load_options_file(config_path)))
     for source, data in sources:
         keys: dict[str, str] = {}  # field name -> the key that set it in this source
         for key, value in data.items():

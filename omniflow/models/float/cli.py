@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 from ...runtime.errors import ConfigError
 from ...runtime.export import CONFIG_NAME
 from ...runtime.hub import resolve_model_path
-from ...runtime.options import load_config_file, parse_options
+from ...runtime.options import load_options_file, parse_options
 from .config import PRESETS
 
 if TYPE_CHECKING:  # the options parse without torch
@@ -48,7 +48,7 @@ def preset_name(argv: Sequence[str]) -> str:
     name = _flag_value(argv, PRESET_FLAG)
     config_file = _flag_value(argv, CONFIG_FILE_FLAG)
     if name is None and config_file is not None:
-        name = load_config_file(config_file).get("config")
+        name = load_options_file(config_file).get("config")
     name = name or "release"
     if name not in PRESETS:
         raise ConfigError(f"--config {name!r} is not a FLOAT preset; choose from {sorted(PRESETS)}")

@@ -2,6 +2,7 @@
 seeded validation, samples and exports."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,20 +17,59 @@ from torch.optim.swa_utils import AveragedModel
 from ...data.core import ResumableLoader
 from ...data.float_shards import FloatWindowDataset
 from ...flow import ConditionDropout, RectifiedFlow
-from ...runtime.export import export_weights
+from ...runtime.errors import CheckpointError, ConfigError
+from ...runtime.export import CONFIG_NAME, WEIGHTS_NAME, export_weights
 from ...runtime.noise import sample_generators
 from ...runtime.run import TrainingRun
-from .cli import resolve_release_checkpoint
+from ...runtime.weights import open_safetensors
+from .cli import is_export_folder, resolve_release_checkpoint
 from .config import FloatConfig
 from .generator import TRAINED_GROUPS, FloatMotionGenerator
 
 logger = logging.getLogger("omniflow")
 
 
+def pretrained_weights(source: str) -> tuple[Path, bool]:
+    """The weights file ``--pretrained_float`` names, and whether it holds the motion auto-encoder: a released
+    float.pth (file, folder or hub name) or its safetensors layout does; an export of train_rectified_flow.py
+    (the folder, or its model.safetensors) holds the FMT and the audio projection only."""
+    if is_export_folder(source):
+        kind = json.loads((Path(source) / CONFIG_NAME).read_text()).get("model_type")
+        if kind != FloatMotionGenerator.model_type:
+            raise CheckpointError(f"{source}: an export of model_type {kind!r}, not {FloatMotionGenerator.model_type!r} "
+                                  f"(train_rectified_flow.py's)")
+        return Path(source) / WEIGHTS_NAME, False
+    path = resolve_release_checkpoint(source)
+    if path.suffix != ".safetensors":
+        return path, True  # a released float.pth holds every part
+    with open_safetensors(path) as handle:
+        return path, any(k.startswith("motion_autoencoder.") for k in handle.keys())
+
+
+def motion_autoencoder_source(opts) -> str | None:
+    """Where the frozen motion auto-encoder (sample rendering, --export_release) comes from:
+    ``--motion_autoencoder``, else ``--pretrained_float`` when it holds one; None when neither does."""
+    if opts.motion_autoencoder:
+        return opts.motion_autoencoder
+    if not opts.pretrained_float or pretrained_weights(opts.pretrained_float)[1]:
+        return opts.pretrained_float
+    if opts.export_release:
+        raise ConfigError(f"--pretrained_float {opts.pretrained_float} holds the FMT and the audio projection only "
+                          f"(an export of train_rectified_flow.py): give --motion_autoencoder (the released "
+                          f"float.pth) for the motion auto-encoder that --export_release writes")
+    logger.warning("--pretrained_float %s holds no motion auto-encoder and --motion_autoencoder is not given: "
+                   "samples are saved as motion latents, not rendered", opts.pretrained_float)
+    return None
+
+
 def build_model(opts, config: FloatConfig) -> FloatMotionGenerator:
     model = FloatMotionGenerator(config)
     if opts.pretrained_float:
-        path = resolve_release_checkpoint(opts.pretrained_float)
+        path, complete = pretrained_weights(opts.pretrained_float)
+        if not complete:
+            logger.info("--pretrained_float %s is an export of train_rectified_flow.py: the FMT and the audio "
+                        "projection come from %s, the motion auto-encoder from %s", opts.pretrained_float, path,
+                        f"--motion_autoencoder {opts.motion_autoencoder}" if opts.motion_autoencoder else "nowhere")
         counts = model.load_release(path)
         listed = lambda groups: ", ".join(f"{g}* ({counts[g]} tensors)" for g in groups if g in counts) or "nothing"
         logger.info("fine-tuning from %s: loaded strictly %s = %d parameters; in the file, not trained here: %s",
