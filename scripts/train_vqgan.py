@@ -10,8 +10,10 @@
 defaults < param.json < command line.
 
 Each step trains the autoencoder (reconstruction + LPIPS + VQ + adaptive-weight GAN loss) with
-one Adam optimizer and, from ``disc_start`` on, every ``disc_every`` (3) steps the PatchGAN
-discriminator with another. The autoencoder's learning rate decays by ``lr_decay`` every
+one Adam optimizer and, from ``disc_start`` on (when the generator's adversarial loss starts too),
+every ``disc_every`` (3) steps the PatchGAN discriminator with another. With a taming lossconfig both
+use ``lr`` and betas (0.5, 0.9), as taming does; no gradient is clipped unless ``max_grad_norm`` is
+set (train_args or the flag). The effective settings are logged at start. The autoencoder's learning rate decays by ``lr_decay`` every
 ``lr_decay_steps`` (1000) steps. Validation (PSNR, SSIM, LPIPS, rFID, codebook usage and
 perplexity over the whole validation set) runs every ``validation_interval`` steps and at the
 end; each new best PSNR/SSIM/LPIPS/rFID is exported to ``<output_dir>/best_<metric>/``.
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("omniflow")
 
 DEFAULT_NUM_STEPS = 100_000  # the seed's default when neither num_steps nor --max_train_steps is set
+NO_CLIPPING = {"max_grad_norm": 0.0}  # taming and the seed clip no gradients: train_args or the flag may
 DEEPSPEED_REFUSAL = (
     "train_vqgan.py does not run under DeepSpeed: its bf16 engine would cast the codebooks and their EMA "
     "statistics to bf16. Launch with DDP instead: accelerate launch --config_file accelerate_configs/multi_gpu.yaml "
@@ -99,7 +102,7 @@ def parse_args() -> tuple[VQParams, VQScriptOptions, TrainingOptions]:
 
         params = load_param_json(pre.parse_known_args()[0].config)
     opts, train_opts = parse_options(VQScriptOptions, TrainingOptions, config_flags=("--options_file",),
-                                     config_values=params.runtime if params else None,
+                                     config_values={**NO_CLIPPING, **(params.runtime if params else {})},
                                      description=__doc__.splitlines()[0])
     return params, opts, train_opts
 
@@ -115,9 +118,9 @@ def main() -> None:
 
     from omniflow.data import ResumableLoader
     from omniflow.data.video import frames_to_model_input
-    from omniflow.models.vq.evaluation import BestMetrics, VQValidator
+    from omniflow.models.vq.evaluation import BestMetrics, VQValidator, reconstruction_grid
     from omniflow.models.vq.params import build_dataset, build_model, build_training_loss
-    from omniflow.models.vq.training import apply_speed_options, model_summary, train_step
+    from omniflow.models.vq.training import apply_speed_options, model_summary, train_step, training_settings
     from omniflow.runtime.checkpoint import resolve_checkpoint
     from omniflow.runtime.run import TrainingRun
 
@@ -131,6 +134,10 @@ def main() -> None:
     model = build_model(params)
     loss_fn = build_training_loss(params, model.in_channels)
     summary = model_summary(params, model, loss_fn) if acc.is_main_process else None
+    logger.info("training settings: %s", json.dumps(training_settings(params, train_opts.max_grad_norm, loss_fn)))
+    if train["wandb_image_interval"]:
+        logger.info("train_args.wandb_image_interval: the original | reconstruction grid of the training batch is "
+                    "logged every %d steps", train["wandb_image_interval"])
     compiled = apply_speed_options(model, loss_fn, opts.channels_last, opts.compile)
     if opts.channels_last or compiled:
         logger.info("speed options: channels_last=%s, compiled: %s", opts.channels_last, ", ".join(compiled) or "none")
@@ -193,6 +200,9 @@ def main() -> None:
         x = frames_to_model_input(batch["frames"])  # NHWC frames permuted: already channels_last in memory
         terms = train_step(run, x, model, loss_fn, optimizer, scheduler, last_layer, disc, disc_optimizer)
         run.end_step({**terms, "skipped_files": batch["skipped"].sum()}, samples=len(x))
+        if acc.is_main_process and run.at_interval(train["wandb_image_interval"]):
+            grid = reconstruction_grid(bare_model, x[:train["num_grid_images"]], acc)
+            run.metrics.log_images("train/original_reconstruction", grid[None], run.step)
         if validator is not None and run.at_interval(train["validation_interval"]):
             validate()
             validated_at = run.step

@@ -138,9 +138,12 @@ def test_seed_lossconfig_translates_and_bad_ones_fail():
 
 
 def test_gan_schedule_disc_start_and_every_third_step():
+    """The discriminator first trains at disc_start, the step the generator first gets its adversarial loss
+    (not at the next multiple of disc_every, which left the generator facing an untrained judge)."""
     loss = VQGANLoss(perceptual_weight=0.0, disc_start=2, disc_every=3, disc_ndf=8)
     assert [loss.gan_active(s) for s in range(5)] == [False, False, True, True, True]
-    assert [loss.discriminator_step_due(s) for s in range(8)] == [False, False, False, True, False, False, True, False]
+    assert [loss.discriminator_step_due(s) for s in range(9)] == [False, False, True, False, False, True, False,
+                                                                   False, True]
     assert not VQGANLoss(perceptual_weight=0.0, use_gan=False).discriminator_step_due(3)
 
 

@@ -144,6 +144,30 @@ def test_taming_lossconfig_governs_and_train_args_loss_keys_are_reported(tmp_pat
     assert build_training_loss(load_param_json(write(tmp_path, spec)), 3).disc_start == 99
 
 
+def test_a_taming_lossconfig_gets_taming_s_optimisers_unless_train_args_say_otherwise(tmp_path):
+    spec = json.loads((REPO / "configs/vq/vqgan_f16.json").read_text())
+    del spec["train_args"]["beta1"], spec["train_args"]["beta2"]
+    train = load_param_json(write(tmp_path, spec)).train
+    assert (train["lr"], train["beta1"], train["beta2"]) == (1e-4, 0.5, 0.9)
+    assert (train["disc_lr"], train["disc_beta1"], train["disc_beta2"]) == (1e-4, 0.5, 0.9)  # one lr, as taming
+    spec["train_args"].update(disc_lr=2e-5, beta1=0.9)
+    train = load_param_json(write(tmp_path, spec)).train
+    assert (train["disc_lr"], train["beta1"], train["beta2"]) == (2e-5, 0.9, 0.9)
+    # without a lossconfig (the seed's train_args GAN) the old defaults stay
+    train = load_param_json(write(tmp_path, seed_like())).train
+    assert (train["beta1"], train["beta2"], train["disc_lr"]) == (0.9, 0.999, 1e-5)
+
+
+def test_model_type_emavq_refuses_a_gradient_codebook_variant_and_the_seed_image_interval_is_accepted(tmp_path):
+    spec = json.loads((REPO / "configs/vq/tiny/emavq.json").read_text())
+    spec["model_args"]["model_variant"] = "VQModel"
+    with pytest.raises(ParamConfigError, match="model_type EMAVQ with model_variant 'VQModel' contradicts itself"):
+        build_model(load_param_json(write(tmp_path, spec)))
+    spec["model_args"]["model_variant"] = "EMAVQ"
+    spec["train_args"]["wandb_image_interval"] = 50
+    assert load_param_json(write(tmp_path, spec)).train["wandb_image_interval"] == 50
+
+
 def _script(name):
     """Import scripts/<name>.py as a module (registered first: its dataclasses look themselves up)."""
     if name not in sys.modules:
@@ -163,6 +187,9 @@ def test_command_line_overrides_param_json(tmp_path, monkeypatch):
     assert train_opts.max_train_steps == 7  # command line beats num_steps=300020
     assert train_opts.output_dir == "/data/save_data" and train_opts.checkpointing_steps == 10000  # from the file
     assert train_opts.mixed_precision == "bf16" and train_opts.seed == 2025
+    assert train_opts.max_grad_norm == 0  # no clipping unless asked, as in taming and the seed
+    monkeypatch.setattr("sys.argv", ["train_vqgan.py", "--config", str(path), "--max_grad_norm", "0.5"])
+    assert train_vqgan.parse_args()[2].max_grad_norm == 0.5
 
 
 @pytest.mark.parametrize(("device", "visible", "expected"), [

@@ -26,25 +26,30 @@ def test_straight_through_passes_gradient_unchanged():
     torch.testing.assert_close(z.grad, upstream)
 
 
-@pytest.mark.parametrize("ema", [False, True])
-def test_commitment_weights_encoder_term_and_codebook_term_is_unweighted(ema):
+@pytest.mark.parametrize("kind", ["vq", "ema", "legacy"])
+def test_beta_weights_the_commitment_term_or_with_legacy_beta_the_codebook_term(kind):
+    """Ours: ||sg(z) - e||^2 + beta ||z - sg(e)||^2 (EMA: no codebook term); taming's VectorQuantizer2 default
+    (legacy=True, our legacy_beta): beta ||sg(z) - e||^2 + ||z - sg(e)||^2."""
     beta = 0.3
-    kwargs = {"decay": 0.9} if ema else {}
-    quantizer = (EMAVectorQuantizer if ema else VectorQuantizer)(6, 4, beta=beta, init_from_data=False, **kwargs)
+    if kind == "ema":
+        quantizer = EMAVectorQuantizer(6, 4, beta=beta, decay=0.9, init_from_data=False)
+    else:
+        quantizer = VectorQuantizer(6, 4, beta=beta, init_from_data=False, legacy_beta=kind == "legacy")
     quantizer.eval()  # keep the EMA codebook fixed so the expected values are easy to write
     z = _features().requires_grad_()
     out = quantizer(z)
     flat = _flat(z.detach())
     e = quantizer.codebook()[out.indices.reshape(-1)]
     n = flat.numel()
-    # d/dz of beta * mean((z - sg(e))^2) = beta * 2 (z - e) / n ; the codebook term sends no gradient to z
+    encoder_weight, codebook_weight = (1.0, beta) if kind == "legacy" else (beta, 1.0)
+    # d/dz of w * mean((z - sg(e))^2) = w * 2 (z - e) / n ; the codebook term sends no gradient to z
     out.loss.backward()
-    torch.testing.assert_close(_flat(z.grad), beta * 2 * (flat - e) / n)
-    if ema:
+    torch.testing.assert_close(_flat(z.grad), encoder_weight * 2 * (flat - e) / n)
+    if kind == "ema":
         torch.testing.assert_close(out.loss, beta * F.mse_loss(flat, e))
     else:
         expected = torch.zeros_like(quantizer.embedding.weight)
-        expected.index_add_(0, out.indices.reshape(-1), 2 * (e - flat) / n)
+        expected.index_add_(0, out.indices.reshape(-1), codebook_weight * 2 * (e - flat) / n)
         torch.testing.assert_close(quantizer.embedding.weight.grad, expected)
         torch.testing.assert_close(out.loss, (1 + beta) * F.mse_loss(flat, e))
 

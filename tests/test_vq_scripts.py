@@ -51,6 +51,31 @@ def runs(data, tmp_path_factory):
     return get
 
 
+def test_the_f16_vqgan_config_trains_with_taming_s_optimisers(data, tmp_path):
+    """The shipped f16 VQGAN config (tiny widths) without betas or disc_lr: taming's optimisation by default."""
+    config = tiny_config("vqgan_f16", tmp_path, data, num_steps=4, validation_interval=100, save_interval=100,
+                         wandb_image_interval=2)
+    spec = json.loads(config.read_text())
+    for key in ("beta1", "beta2", "disc_lr"):
+        spec["train_args"].pop(key, None)
+    config.write_text(json.dumps(spec))
+    lr, disc_start = spec["train_args"]["lr"], spec["model_args"]["lossconfig"]["params"]["disc_start"]
+    out = tmp_path / "out"
+    train_vq(config, out, "--report_to", "tensorboard")
+    line = next(line for line in (out / "train.log").read_text().splitlines() if "training settings: " in line)
+    settings = json.loads(line.split("training settings: ", 1)[1])
+    assert settings["autoencoder"] == {"lr": lr, "betas": [0.5, 0.9]}  # taming's VQModel.configure_optimizers
+    assert settings["discriminator"] == {"lr": lr, "betas": [0.5, 0.9], "start": disc_start, "every": 3}
+    assert settings["max_grad_norm"] is None and settings["beta_on"].startswith("commitment term")
+    terms = training_terms(out)
+    assert all(terms[s]["lr_disc"] == terms[s]["lr"] == lr for s in terms)
+    assert "g_loss" in terms[disc_start + 1] and "d_loss" in terms[disc_start + 1]  # together, at disc_start
+    assert not {"g_loss", "d_loss"} & set(terms[disc_start])
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*"))),
+                              size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("train/original_reconstruction")] == [2, 4]  # the seed's image interval
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_trains_validates_and_exports(runs, data, name):
     out = runs(name)
@@ -59,8 +84,9 @@ def test_family_trains_validates_and_exports(runs, data, name):
     assert sorted(terms) == list(range(1, STEPS + 1))  # num_steps from param.json
     pixel = [terms[s]["pixel"] for s in sorted(terms)]
     assert np.mean(pixel[-4:]) < 0.9 * pixel[0], pixel  # 4 training photos: every batch shows the same images
-    assert ("d_loss" in terms[STEPS]) is (name in WITH_GAN)  # disc steps: 3, 6, ... after disc_start=2
-    assert ("d_loss" in terms[STEPS - 1]) is False
+    # the discriminator trains from disc_start=2 (logged as step 3, with the generator's first g_loss), every 3rd
+    assert ("d_loss" in terms[STEPS - 1]) is ("d_loss" in terms[3]) is ("g_loss" in terms[3]) is (name in WITH_GAN)
+    assert "d_loss" not in terms[STEPS] and "g_loss" not in terms[2]
 
     val = validation_metrics(out)[STEPS]
     assert {"psnr", "ssim", "lpips", "mse", "loss", "codebook_usage", "perplexity", "codebook_used_codes"} <= set(val)

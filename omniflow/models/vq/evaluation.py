@@ -97,7 +97,7 @@ class VQValidator:
         model.train(was_training)
         grid = None
         if self.accelerator.is_main_process and shown:
-            grid = make_grid(torch.stack(shown[: 2 * self.num_grid_images]).cpu(), nrow=2, padding=2, pad_value=1.0)
+            grid = pairs_grid(shown[: 2 * self.num_grid_images])
         return metrics, grid
 
     def _codebook_metrics(self, usage: list[CodebookUsage]) -> dict[str, float]:
@@ -110,6 +110,22 @@ class VQValidator:
                 out.update({f"codebook_usage_level{i}": level["usage"], f"perplexity_level{i}": level["perplexity"],
                             f"codebook_used_codes_level{i}": level["used_codes"]})
         return out
+
+
+def pairs_grid(images: list[torch.Tensor]) -> torch.Tensor:
+    """Alternating original, reconstruction images in [0, 1] -> one (3, H, W) grid, a pair per row."""
+    return make_grid(torch.stack(images).cpu(), nrow=2, padding=2, pad_value=1.0)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: VQTokenizer, x: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """Original | reconstruction grid of a batch in [-1, 1] (eval mode: codebook statistics untouched)."""
+    was_training = model.training
+    model.eval()
+    with accelerator.autocast():
+        recon = model(x)[1].float().clamp(-1, 1)
+    model.train(was_training)
+    return pairs_grid([image for pair in zip((x.float() + 1) / 2, (recon + 1) / 2) for image in pair])
 
 
 class BestMetrics:

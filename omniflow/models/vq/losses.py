@@ -132,7 +132,7 @@ class VQGANLoss(nn.Module):
         disc_weight: multiplier of the adaptive generator weight (the weight itself when
             ``adaptive_weight`` is false or no last layer is given).
         disc_loss: ``"hinge"`` or ``"vanilla"``.
-        disc_every: train the discriminator on steps divisible by this.
+        disc_every: train the discriminator every this many steps, from ``disc_start`` on.
         perceptual: the LPIPS module (required when ``perceptual_weight > 0``).
     """
 
@@ -168,7 +168,9 @@ class VQGANLoss(nn.Module):
         return self.use_gan and step >= self.disc_start
 
     def discriminator_step_due(self, step: int) -> bool:
-        return self.gan_active(step) and step % self.disc_every == 0
+        """From ``disc_start`` on, every ``disc_every`` steps: the discriminator first trains at ``disc_start``,
+        the step its adversarial loss reaches the generator."""
+        return self.gan_active(step) and (step - self.disc_start) % self.disc_every == 0
 
     def generator_loss(self, inputs: torch.Tensor, recon: torch.Tensor, vq_loss: torch.Tensor, step: int,
                        last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

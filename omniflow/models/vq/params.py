@@ -11,6 +11,9 @@ own names, the runtime's ``TrainingOptions`` (``mixed_precision``, ``max_grad_no
 seed names that mean a runtime option are translated (``num_steps`` -> ``max_train_steps``,
 ``folder_name`` -> ``output_dir``, ``save_interval`` -> ``checkpointing_steps``...). Any unknown
 or mistyped key fails with one line naming the file, the section and the key.
+
+With a taming ``lossconfig`` the optimisers default to taming's: one learning rate (``disc_lr`` =
+``lr``) and Adam betas (0.5, 0.9) for the autoencoder and the discriminator.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ _UNUSED_DATA_KEYS = ("device_id", "shard_id", "num_shards", "initial_prefetch_si
 _TRAIN_DEFAULTS: dict[str, Any] = {
     "num_steps": None, "lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "lr_decay": 0.99, "lr_decay_steps": 1000,
     "folder_name": None, "checkpoint_path": None, "save_interval": None, "wandb_log_interval": None,
+    "wandb_image_interval": None,
     "device": "auto", "validation_interval": 1000,
     # losses (the non-taming path; a taming lossconfig sets these itself)
     "use_taming_loss": None, "use_gan": True, "disc_start": 20000, "disc_factor": 1.0, "disc_weight": 1.0,
@@ -72,8 +76,11 @@ _TRAIN_DEFAULTS: dict[str, Any] = {
     "num_grid_images": 8,
 }
 _TRAIN_TYPES = {"num_steps": int, "folder_name": str, "checkpoint_path": str, "save_interval": int,
-                "wandb_log_interval": int, "use_taming_loss": bool, "pixel_loss": str, "perceptual_loss_factor": float,
+                "wandb_log_interval": int, "wandb_image_interval": int, "use_taming_loss": bool, "pixel_loss": str, "perceptual_loss_factor": float,
                 "lpips_weights_path": str, "val_lpips_weights_path": str, "fid_weights_path": str}
+# Optimiser settings of taming's VQModel.configure_optimizers (one lr, Adam betas (0.5, 0.9) for both networks):
+# the defaults when a taming lossconfig is used ("disc_lr" follows "lr"); train_args may still set each.
+_TAMING_OPTIMIZER = {"beta1": 0.5, "beta2": 0.9, "disc_lr": None, "disc_beta1": 0.5, "disc_beta2": 0.9}
 # Loss keys a taming lossconfig governs; set in train_args as well they are ignored (with a warning).
 _TAMING_GOVERNED = ("use_gan", "disc_start", "disc_factor", "disc_weight", "disc_loss", "pixel_loss",
                     "pixel_loss_factor", "perceptual_loss_factor", "codebook_weight")
@@ -235,6 +242,10 @@ def load_param_json(path: str | Path) -> VQParams:
     train_sources, valid_sources, folders = _data_sources(source, top["data_process"], data)
     if train["use_taming_loss"] and not model_args.get("lossconfig"):
         raise ParamConfigError(f"{source}: train_args.use_taming_loss is true but model_args has no lossconfig")
+    if model_args.get("lossconfig") and train["use_taming_loss"] is not False:
+        for key, value in _TAMING_OPTIMIZER.items():
+            if key not in given_train:
+                train[key] = train["lr"] if value is None else value
     return VQParams(source=source, model_type=top["model_type"], family=family, model_args=model_args,
                     use_images=top["use_images"], data=data, train=train, train_sources=train_sources,
                     valid_sources=valid_sources, sources_are_folders=folders,

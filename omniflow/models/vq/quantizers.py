@@ -83,6 +83,9 @@ class VectorQuantizer(nn.Module):
             training (rank 0's, kept in a ring buffer that checkpoints hold) instead of the
             current batch only: a small batch of a few hundred vectors would otherwise fill
             thousands of codes with copies of itself. 0: the current batch.
+        legacy_beta: put ``beta`` on the codebook term instead, ``beta * ||sg(z) - e||^2 +
+            ||z - sg(e)||^2``, as taming's ``VectorQuantizer2`` does by default (``legacy=True``),
+            so that a ported taming config trains the same.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class VectorQuantizer(nn.Module):
         dead_code_steps: int = 0,
         init_from_data: bool = True,
         restart_pool: int = 0,
+        legacy_beta: bool = False,
     ) -> None:
         super().__init__()
         if num_codes < 1 or input_dim < 1:
@@ -103,6 +107,7 @@ class VectorQuantizer(nn.Module):
         self.input_dim = input_dim
         self.code_dim = code_dim or input_dim
         self.beta = beta
+        self.legacy_beta = legacy_beta
         self.l2_normalize = l2_normalize
         self.dead_code_steps = dead_code_steps
         factorised = self.code_dim != input_dim
@@ -151,6 +156,8 @@ class VectorQuantizer(nn.Module):
     def _loss(self, flat: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
         codebook_term = F.mse_loss(quantized, flat.detach())
         commitment_term = F.mse_loss(flat, quantized.detach())
+        if self.legacy_beta:
+            return self.beta * codebook_term + commitment_term
         return codebook_term + self.beta * commitment_term
 
     def _update_codebook(self, flat: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor) -> None:

@@ -35,6 +35,24 @@ def model_summary(params: VQParams, model: VQTokenizer, loss: VQGANLoss) -> str:
     return "\n".join(lines) + "\n"
 
 
+def training_settings(params: VQParams, max_grad_norm: float, loss: VQGANLoss) -> dict[str, Any]:
+    """What the optimisation effectively uses (logged at start): both Adams, clipping, the GAN schedule and the
+    beta convention."""
+    train = params.train
+    settings: dict[str, Any] = {
+        "autoencoder": {"lr": train["lr"], "betas": [train["beta1"], train["beta2"]]},
+        "max_grad_norm": max_grad_norm or None,  # None: no clipping (taming and the seed clip nothing)
+        "lr_decay": [train["lr_decay"], train["lr_decay_steps"]],
+    }
+    if loss.discriminator is not None:
+        settings["discriminator"] = {"lr": train["disc_lr"], "betas": [train["disc_beta1"], train["disc_beta2"]],
+                                     "start": loss.disc_start, "every": loss.disc_every}
+    if "legacy_beta" in params.model_args or params.family == "TamingVQGAN":
+        settings["beta_on"] = "codebook term (taming legacy)" if params.model_args.get("legacy_beta") else \
+            "commitment term (VQ-VAE; taming's legacy=True puts it on the codebook term: model_args.legacy_beta)"
+    return settings
+
+
 def train_step(run: TrainingRun, x: torch.Tensor, model: torch.nn.Module, loss_fn: VQGANLoss, optimizer, scheduler,
                last_layer: torch.nn.Parameter, disc: torch.nn.Module | None, disc_optimizer) -> dict[str, Any]:
     """Autoencoder update, then (when due) discriminator update; returns the terms to log.

@@ -5,6 +5,10 @@ Module and parameter names follow the taming-transformers layout (``encoder.down
 this model. ``model_variant`` picks the codebook: ``VQModel`` learns it by gradient,
 ``EMAVQ`` by moving averages. ``lossconfig`` is checked and kept in the config for
 ``losses.build_vq_loss``; the model itself holds no loss.
+
+``beta`` (0.25) weights the commitment term ``||z - sg(e)||^2``, as in the VQ-VAE paper; taming's
+``VectorQuantizer2`` by default (``legacy=True``) weights the codebook term instead. ``legacy_beta: true``
+trains a ported taming config as taming does.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ DDCONFIG_DEFAULTS: dict[str, Any] = {
 }
 DEFAULTS: dict[str, Any] = {
     "ddconfig": {}, "lossconfig": None, "n_embed": 1024, "embed_dim": 256, "model_variant": "VQModel",
-    "beta": 0.25, "decay": 0.99, **QUANTIZER_OPTIONS,
+    "beta": 0.25, "legacy_beta": False, "decay": 0.99, **QUANTIZER_OPTIONS,
 }
 ALIASES = {"vocab_size": "n_embed", "n_init": "embed_dim", "commitment_cost": "beta"}
 VARIANTS = {"VQModel": "vq", "EMAVQ": "ema"}
@@ -201,6 +205,10 @@ class TamingVQGAN(VQTokenizer):
 
     def __init__(self, model_args: Mapping[str, Any] | None = None, default_variant: str = "VQModel") -> None:
         super().__init__()
+        given_variant = (model_args or {}).get("model_variant", default_variant)
+        if default_variant == "EMAVQ" and given_variant != "EMAVQ":
+            raise VQConfigError(f"model_type EMAVQ with model_variant {given_variant!r} contradicts itself: EMAVQ "
+                                f"is the EMA codebook; use model_type TamingVQGAN for a gradient-trained one")
         args = resolve_args("TamingVQGAN model_args", {"model_variant": default_variant, **(model_args or {})},
                             DEFAULTS, ALIASES)
         args["ddconfig"] = resolve_args("TamingVQGAN ddconfig", args["ddconfig"] or {}, DDCONFIG_DEFAULTS)
@@ -220,7 +228,10 @@ class TamingVQGAN(VQTokenizer):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(cfg["z_channels"], args["embed_dim"], 1)
         self.post_quant_conv = nn.Conv2d(args["embed_dim"], cfg["z_channels"], 1)
-        extra = {"decay": args["decay"]} if variant == "EMAVQ" else {}
+        if variant == "EMAVQ" and args["legacy_beta"]:
+            raise VQConfigError("TamingVQGAN model_args: legacy_beta applies to the gradient codebook (VQModel); "
+                                "the EMA codebook has no codebook term")
+        extra = {"decay": args["decay"]} if variant == "EMAVQ" else {"legacy_beta": args["legacy_beta"]}
         self.quantize = build_quantizer(VARIANTS[variant], args["n_embed"], args["embed_dim"], beta=args["beta"],
                                         **extra, **quantizer_options(args))
 
