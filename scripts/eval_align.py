@@ -13,9 +13,10 @@ Writes ``<output_dir>/metrics.json``:
     target_reconstruction_vs_original    the target VAE's ceiling
     source_reconstruction_vs_original    the source VAE, for reference
 
-PSNR/SSIM are on images in [0, 1]. ``lpips_pretrained_backbone`` is false when no ImageNet
-backbone weights were found (offline without ``--lpips_weights``): LPIPS then uses a random
-backbone and is only comparable with itself. ``--save_visualizations`` writes the comparison and
+PSNR/SSIM are on images in [0, 1]. ``lpips_weights`` names the LPIPS backbone's file, or
+``random (seed 0)`` when none was found (offline without ``--lpips_weights`` or
+``python download_models.py --models lpips_alex``): LPIPS then uses a backbone built from that fixed seed,
+comparable between runs but not with published LPIPS (``lpips_pretrained_backbone`` is then false). ``--save_visualizations`` writes the comparison and
 latent-channel grids of the first ``--num_visualize_samples`` images to ``visualizations/``.
 """
 from __future__ import annotations
@@ -106,7 +107,7 @@ def evaluate(opts: EvalOptions) -> dict:
     return {"checkpoint": str(opts.checkpoint), "eval_data_dir": str(opts.eval_data_dir), "resolution": resolution,
             "training_step": export.get("step"), "pipeline": export["pipeline"], "options": asdict(opts),
             "latent": latents.compute(), **{name: m.compute() for name, m in pairs.items()},
-            "lpips_pretrained_backbone": lpips.pretrained_backbone}
+            "lpips_pretrained_backbone": lpips.pretrained_backbone, "lpips_weights": lpips.weights}
 
 
 def main() -> None:

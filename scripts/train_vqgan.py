@@ -186,14 +186,15 @@ def main() -> None:
 
     def validate() -> None:
         metrics, grid = validator.evaluate(bare_model, val_loader)
-        run.log({f"val/{name}": value for name, value in metrics.items()})
+        run.log({**{f"val/{name}": value for name, value in metrics.items()},
+                 **{f"val_weights/{name}": value for name, value in validator.weights.items()}})
         if grid is not None:
             run.metrics.log_images("val/original_reconstruction", grid[None], run.step)
             (run.output_dir / "samples").mkdir(exist_ok=True)
             save_image(grid, run.output_dir / "samples" / f"val_step{run.step:07d}.png")
         for name in best.update(run.step, metrics):
-            run.export(model, {**export_config, "step": run.step, "best_metric": name, "val_metrics": metrics},
-                       run.output_dir / f"best_{name}")
+            run.export(model, {**export_config, "step": run.step, "best_metric": name,
+                               "val_metrics": {**metrics, **validator.weights}}, run.output_dir / f"best_{name}")
 
     validated_at = -1
     for batch in run.batches(loader, max_steps):

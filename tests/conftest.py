@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def empty_hub(tmp_path):
+    """A torch hub cache with no weights in it."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)
+
+
 @pytest.fixture(scope="session")
 def text_world(tmp_path_factory):
     """The text job's tiny OmniFlow (decoder fitted) and sample data, built once for the modules that read it."""

@@ -187,6 +187,7 @@ def test_eval_writes_metrics_and_grids(full_run, images, tmp_path):
     for section in sections:
         assert set(results[section]) == {"psnr", "ssim", "lpips"}
         assert all(torch.isfinite(torch.tensor(v)) for v in results[section].values())
+    assert results["lpips_weights"] == "random (seed 0)" and results["lpips_pretrained_backbone"] is False  # offline
 
     pipeline, _ = load_aligned_pipeline(full_run / "best")
     data = ImageFolderDataset(images["eval_default"], 32)

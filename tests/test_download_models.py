@@ -80,3 +80,39 @@ def test_default_selection_is_the_text_job_and_help_lists_models(tmp_path):
     help_text = subprocess.run([sys.executable, str(ROOT / "download_models.py"), "--help"], capture_output=True,
                                text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     assert "flux_vae" in help_text and "wav2vec2_emotion" in help_text
+
+
+def test_metric_weights_land_where_the_metrics_look_for_them(tmp_path, monkeypatch):
+    """`--models lpips_alex` fetches torchvision's AlexNet file into torch hub's checkpoint folder, where LPIPS
+    then finds it (served here from a local file:// URL with random weights of the right layout)."""
+    import importlib.util
+
+    import torch
+    from torchvision.models import alexnet
+
+    from omniflow.metrics.image import build_lpips, cached_weights_path
+    from omniflow.metrics.weights import METRIC_WEIGHTS
+
+    spec = importlib.util.spec_from_file_location("download_models", ROOT / "download_models.py")
+    download_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(download_models)
+    with torch.device("meta"):
+        layout = alexnet().features.state_dict()
+    served = tmp_path / "served" / "alexnet-owt-7be5be79.pth"
+    served.parent.mkdir()
+    torch.save({f"features.{k}": torch.randn(v.shape) for k, v in layout.items()}, served)
+    monkeypatch.setitem(METRIC_WEIGHTS, "lpips_alex", served.as_uri())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    old_hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        assert download_models.download_metric_weights("lpips_alex", force=False)[0] == "downloaded"
+        assert download_models.download_metric_weights("lpips_alex", force=False)[0] == "skipped"
+        assert cached_weights_path("lpips_alex").read_bytes() == served.read_bytes()
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        metric = build_lpips("alex")
+        assert metric.pretrained_backbone and metric.weights == str(cached_weights_path("lpips_alex"))
+        status, detail = download_models.download_metric_weights("lpips_vgg", force=False)
+        assert status == "failed" and "HF_HUB_OFFLINE=1 forbids downloading" in detail
+    finally:
+        torch.hub.set_dir(old_hub)

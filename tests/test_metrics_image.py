@@ -88,7 +88,7 @@ def test_lpips_random_backbone_offline(photo_pairs, caplog):
     with caplog.at_level(logging.WARNING, logger="omniflow.metrics.image"):
         metric = build_lpips("alex", input_range=(0.0, 1.0))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "not comparable" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "not with published LPIPS" in warnings[0].getMessage()
     assert not metric.pretrained_backbone
     # the calibrated linear layers come from the lpips wheel, not from random init
     shipped = torch.load(_lpips_lin_path("alex"), map_location="cpu", weights_only=True)
@@ -104,6 +104,61 @@ def test_lpips_random_backbone_offline(photo_pairs, caplog):
     metric(x, y).sum().backward()
     assert y.grad is not None and y.grad.abs().sum() > 0
     assert all(p.grad is None for p in metric.parameters())
+
+
+def test_offline_lpips_is_the_same_seeded_network_in_every_run(photo_pairs, empty_hub, caplog):
+    """Without weights, LPIPS on one fixed image pair gives one number, whatever the run's RNG did before
+    (a random backbone from the caller's RNG gave 0.0316/0.0282/0.0309 for seeds 0/1/2), and says so."""
+    clean, noisy, _ = photo_pairs
+    x, y = _chw(clean[:1]).float(), _chw(noisy[:1]).float()
+    values = []
+    for run_seed in (0, 1, 2):
+        torch.manual_seed(run_seed)
+        with caplog.at_level(logging.WARNING, logger="omniflow.metrics.image"):
+            metric = build_lpips("alex", input_range=(0.0, 1.0))
+        assert torch.equal(torch.rand(3), torch.manual_seed(run_seed) and torch.rand(3))  # the run's RNG untouched
+        values.append(metric(x, y).item())
+        assert metric.weights == "random (seed 0)" and not metric.pretrained_backbone
+    assert values[0] == values[1] == values[2] > 0
+    assert "python download_models.py --models lpips_alex" in caplog.text
+
+
+def test_lpips_weights_from_the_torch_hub_cache_are_named(empty_hub):
+    from torchvision.models import alexnet
+
+    with torch.device("meta"):
+        layout = alexnet().features.state_dict()
+    path = im.cached_weights_path("lpips_alex")
+    path.parent.mkdir(parents=True)
+    torch.save({f"features.{k}": torch.randn(v.shape) for k, v in layout.items()}, path)
+    metric = build_lpips("alex")
+    assert metric.pretrained_backbone and metric.weights == str(path)
+
+
+def test_a_failed_download_names_the_download_command(empty_hub, monkeypatch):
+    import urllib.error
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(im, "_offline", lambda: False)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(FileNotFoundError, match=r"LPIPS-vgg backbone: cannot download https://download\.pytorch\.org/"
+                                                r"models/vgg16-397923af\.pth .*run `python download_models\.py "
+                                                r"--models lpips_vgg` where it is reachable"):
+        build_lpips("vgg")
+    monkeypatch.setattr(im, "packaged_fid_inception", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r"--models fid_inception"):
+        FIDMetric()
+
+
+def test_the_download_table_holds_torchvision_s_backbones():
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+    from omniflow.metrics.weights import METRIC_WEIGHTS
+
+    assert METRIC_WEIGHTS["lpips_alex"] == AlexNet_Weights.IMAGENET1K_V1.url
+    assert METRIC_WEIGHTS["lpips_vgg"] == VGG16_Weights.IMAGENET1K_V1.url
 
 
 def _lpips_lin_path(net: str) -> Path:
@@ -208,13 +263,23 @@ def test_statistics_reduce_across_ranks(tmp_path):
     assert perplexity == pytest.approx(whole["perplexity"]) and used == whole["used_codes"]
 
 
-def test_fid_metric_random_inception_when_offline(monkeypatch, caplog):
+def test_fid_metric_random_inception_when_offline_is_seeded_and_warns_on_few_images(monkeypatch, caplog, empty_hub):
     monkeypatch.setattr(im, "packaged_fid_inception", lambda: None)  # as on a machine without the wheel
     with caplog.at_level(logging.WARNING, logger="omniflow.metrics.image"):
         metric = FIDMetric()
-    assert not metric.pretrained
+    assert not metric.pretrained and metric.weights == "random (seed 0)"
     assert [r.levelno for r in caplog.records].count(logging.WARNING) == 1
-    assert "not comparable" in caplog.records[-1].getMessage()
+    assert "not with published FID" in caplog.records[-1].getMessage()
+    torch.manual_seed(5)
+    again = FIDMetric()
+    images = torch.rand(4, 3, 64, 64)
+    assert torch.equal(metric.features(images), again.features(images))  # the same network in every run
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="omniflow.metrics.image"):
+        metric.update(images[:3], real=True)
+        metric.update(images[1:], real=False)
+        metric.compute()
+    assert "FID on 3 images: fewer than its 2048 feature dimensions" in caplog.text
 
 
 def test_fid_inception_from_pytorch_fid_state_dict(tmp_path):

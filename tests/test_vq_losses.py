@@ -1,26 +1,14 @@
-import logging
-import urllib.error
 
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from omniflow.models.vq import VQConfigError, build_vq_model
 from omniflow.models.vq.losses import (NLayerDiscriminator, VQGANLoss, adaptive_generator_weight, build_vq_loss,
                                        generator_adversarial_loss, hinge_d_loss, lossconfig_to_kwargs,
                                        reconstruction_loss, vanilla_d_loss)
-from omniflow.models.vq.perceptual import PerceptualWeightsError, build_lpips, cached_backbone_path
+from omniflow.metrics.image import LPIPSMetric, build_lpips
 from vq_helpers import TINY_CONFIGS, photo_batch
-
-
-@pytest.fixture
-def empty_hub(tmp_path):
-    """A torch hub cache with no backbone weights in it."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(old)
 
 
 def _blurred(x):
@@ -63,62 +51,15 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
     assert adaptive_generator_weight(rec_loss, tiny_g, last, max_weight=100.0).item() == 100.0
 
 
-def test_offline_lpips_uses_a_random_backbone_and_says_so_once(empty_hub, caplog):
-    with caplog.at_level(logging.WARNING, logger="omniflow.models.vq.perceptual"):
-        lpips_net = build_lpips("alex", offline=True)
-    assert lpips_net.random_backbone
-    warnings = [r for r in caplog.records if r.name == "omniflow.models.vq.perceptual"]
-    assert len(warnings) == 1 and "RANDOM backbone" in warnings[0].getMessage()
+def test_the_perceptual_loss_is_the_validation_metric_s_lpips_built_from_a_fixed_seed(empty_hub):
+    """One LPIPS for training and validation: offline without weights both get the same seeded backbone."""
+    loss = build_vq_loss({"params": {"disc_ndf": 8}}, lpips_net="alex")
+    assert isinstance(loss.perceptual, LPIPSMetric) and loss.perceptual.weights == "random (seed 0)"
     x = photo_batch(32, ("astronaut", "coffee"))
-    assert lpips_net(x, x).abs().max().item() < 1e-6
-    assert (lpips_net(x, _blurred(x)) > 0).all()
-    assert not any(p.requires_grad for p in lpips_net.parameters())
-
-
-def _alexnet_features_state(seed):
-    torch.manual_seed(seed)
-    return {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
-
-
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_lpips_backbone_from_a_local_weights_file(tmp_path, empty_hub, suffix, caplog):
-    state = _alexnet_features_state(3)
-    path = tmp_path / f"alexnet{suffix}"
-    if suffix == ".pth":
-        torch.save(state, path)
-    else:
-        from safetensors.torch import save_file
-        save_file(state, str(path))
-    with caplog.at_level(logging.WARNING):
-        lpips_net = build_lpips("alex", weights_path=path, offline=True)
-    assert not lpips_net.random_backbone and not caplog.records
-    torch.testing.assert_close(lpips_net.net.slice1[0].weight, state["features.0.weight"])
-    torch.testing.assert_close(lpips_net.net.slice5.get_submodule("10").bias, state["features.10.bias"])
-
-
-def test_lpips_backbone_from_the_torch_hub_cache(empty_hub):
-    target = cached_backbone_path("alex")
-    target.parent.mkdir(parents=True)
-    torch.save(_alexnet_features_state(4), target)
-    assert not build_lpips("alex", offline=True).random_backbone
-
-
-def test_lpips_weight_problems_are_clear_errors(tmp_path, empty_hub, monkeypatch):
-    with pytest.raises(PerceptualWeightsError, match="not found: .*missing.pth"):
-        build_lpips("alex", weights_path=tmp_path / "missing.pth")
-    partial = {k: v for k, v in _alexnet_features_state(5).items() if not k.startswith("features.8.")}
-    torch.save(partial, tmp_path / "partial.pth")
-    with pytest.raises(PerceptualWeightsError, match="lack 'features.8.weight'"):
-        build_lpips("alex", weights_path=tmp_path / "partial.pth")
-    with pytest.raises(ValueError, match="LPIPS net must be one of"):
-        build_lpips("resnet")
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("no route to host")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    with pytest.raises(PerceptualWeightsError, match="cannot download the LPIPS alex backbone.*pass weights_path"):
-        build_lpips("alex", offline=False)
+    torch.manual_seed(123)  # whatever the run's RNG did before
+    metric = build_lpips("alex", input_range=(-1.0, 1.0))
+    assert torch.equal(loss.perceptual(x, _blurred(x)), metric(x, _blurred(x)))
+    assert not any(p.requires_grad for p in loss.perceptual.parameters())
 
 
 def test_seed_lossconfig_translates_and_bad_ones_fail():
@@ -150,8 +91,7 @@ def test_gan_schedule_disc_start_and_every_third_step():
 def test_generator_and_discriminator_objectives_on_a_real_model(empty_hub):
     torch.manual_seed(0)
     model = build_vq_model("TamingVQGAN", TINY_CONFIGS["TamingVQGAN"]).train()
-    loss = build_vq_loss({"params": {"disc_start": 1, "disc_ndf": 8, "disc_weight": 0.8}}, lpips_net="alex",
-                         offline=True).train()
+    loss = build_vq_loss({"params": {"disc_start": 1, "disc_ndf": 8, "disc_weight": 0.8}}, lpips_net="alex").train()
     assert not loss.perceptual.training  # LPIPS stays a fixed metric
     x = photo_batch(32, ("astronaut", "chelsea"))
     vq_loss, recon, _, _ = model(x)

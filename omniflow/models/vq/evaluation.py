@@ -47,6 +47,8 @@ class VQValidator:
             self.fid = FIDMetric(fid_weights_path, accelerator.device, input_range=(-1.0, 1.0),
                                  all_gather=accelerator.gather)
         self._real_stats_ready = False  # the validation images never change: their statistics are kept
+        # which networks the perceptual metrics ran: a weights file, or "random (seed 0)"
+        self.weights = {"lpips_weights": self.lpips.weights, **({"rfid_weights": self.fid.weights} if self.fid else {})}
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum") if self.accelerator.num_processes > 1 else tensor

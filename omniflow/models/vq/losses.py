@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omniflow.metrics.image import build_lpips
+
 from .base import VQConfigError, resolve_args
-from .perceptual import build_lpips
 
 
 class NLayerDiscriminator(nn.Module):
@@ -226,17 +227,17 @@ class VQGANLoss(nn.Module):
 
 
 def build_vq_loss(lossconfig: Mapping[str, Any] | None = None, *, lpips_net: str = "vgg",
-                  lpips_weights_path: str | None = None, offline: bool | None = None, **overrides: Any) -> VQGANLoss:
+                  lpips_weights_path: str | None = None, **overrides: Any) -> VQGANLoss:
     """``VQGANLoss`` from a taming ``lossconfig`` (TamingVQGAN) and/or keyword ``overrides``.
 
-    LPIPS is built with :func:`~omniflow.models.vq.perceptual.build_lpips` when the perceptual
-    weight is positive.
+    LPIPS is the validation metric's (:func:`omniflow.metrics.image.build_lpips`, inputs in [-1, 1]), built
+    when the perceptual weight is positive.
     """
     kwargs = lossconfig_to_kwargs(lossconfig) if lossconfig else {}
     kwargs.update(overrides)
     perceptual = None
     if kwargs.get("perceptual_weight", 1.0) > 0:
-        perceptual = build_lpips(lpips_net, lpips_weights_path, offline=offline)
+        perceptual = build_lpips(lpips_net, lpips_weights_path, input_range=(-1.0, 1.0))
     try:
         return VQGANLoss(perceptual=perceptual, **kwargs)
     except TypeError as err:  # an unknown override keyword

@@ -44,6 +44,8 @@ def training_settings(params: VQParams, max_grad_norm: float, loss: VQGANLoss) -
         "max_grad_norm": max_grad_norm or None,  # None: no clipping (taming and the seed clip nothing)
         "lr_decay": [train["lr_decay"], train["lr_decay_steps"]],
     }
+    if loss.perceptual is not None:
+        settings["lpips_loss_weights"] = loss.perceptual.weights
     if loss.discriminator is not None:
         settings["discriminator"] = {"lr": train["disc_lr"], "betas": [train["disc_beta1"], train["disc_beta2"]],
                                      "start": loss.disc_start, "every": loss.disc_every}
