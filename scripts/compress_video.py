@@ -4,9 +4,11 @@
         [--codes clip.vqcodes.safetensors] [--output clip_recon.mp4] [--size 256 256] [--report report.json]
     python scripts/compress_video.py --decode --codes clip.vqcodes.safetensors --output clip_recon.mp4
 
-Compressing prints a JSON report: bits per pixel of the codes file (and of the bare indices),
-compression ratios against the source file and against raw RGB, and the PSNR of the
-reconstruction (before and after the output video's own encoding). ``--decode`` rebuilds the
+Compressing prints a JSON report: bits per pixel of the codes file, of its entropy-coded payload and of
+the indices packed at their bit width (before entropy coding), the source's own video bits for the same
+frames, compression ratios against those source bytes and against raw RGB, and the PSNR of the
+reconstruction (before and after the output video's own encoding). Decoding is exact: the codes file
+gives back the very indices, so the same frames. ``--decode`` rebuilds the
 video from the codes file alone: its header names the model export, size, frame count and fps.
 Frames are coded at ``--size`` (default: the source size cropped to a multiple of the model's
 downsampling factor).
@@ -37,6 +39,10 @@ class CompressOptions:
     max_frames: Optional[int] = field(default=None, metadata={"help": "compress only the first N frames"})
     batch_size: int = field(default=8, metadata={"help": "frames per model call"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|cuda:N"})
+    entropy_coding: str = field(default="temporal", metadata={
+        "help": "lossless coding of the codes: range coding under the temporal (previous frame + adaptive "
+                "histogram) or adaptive (histogram) prior, or packed at the codebook's bit width",
+        "choices": ["temporal", "adaptive", "packed"]})
     crf: int = field(default=18, metadata={"help": "x264 quality of the output video (0: lossless luma)"})
     report: Optional[str] = field(default=None, metadata={"help": "also write the report as JSON to this file"})
 

@@ -179,6 +179,19 @@ def video_info(path: PathLike) -> dict[str, object]:
         raise UnusableFileError(f"cannot read {path}: {err}") from err
 
 
+def video_stream_bytes(path: PathLike, frames: int | None = None) -> int:
+    """Bytes of the first video stream's packets of its first ``frames`` frames in presentation order (all:
+    None): what the source spends on exactly the frames a codec is compared on, without audio or container."""
+    try:
+        with av.open(str(path)) as container:
+            stream = _first_video_stream(container, path)
+            packets = [(p.pts if p.pts is not None else index, p.size)
+                       for index, p in enumerate(container.demux(stream)) if p.size]
+    except av.FFmpegError as err:
+        raise UnusableFileError(f"cannot read {path}: {err}") from err
+    return sum(size for _, size in sorted(packets)[:frames])
+
+
 def iter_frames(path: PathLike, size: Size = None, max_frames: int | None = None) -> Iterator[np.ndarray]:
     """Every frame (or the first ``max_frames``) as uint8 (h, w, 3), scaled to cover ``size`` and centre-cropped."""
     hw = _as_hw(size)

@@ -1,10 +1,11 @@
-"""Codes files: the code indices of a compressed video, stored at the narrowest integer width.
+"""Codes files: the code indices of a compressed video, entropy-coded.
 
-A codes file is a safetensors file with one tensor per level, ``level<l>`` of shape
-(frames, h_l, w_l) in uint8/uint16/uint32 (the smallest type that holds ``codebook_size - 1``),
-and a JSON header in its metadata (key ``omniflow_vq_codes``): the model export it was coded
-with, frame count, coded size, fps and the source file's name and size. It holds everything
-``compress_video.py --decode`` needs to rebuild the video.
+A codes file is a safetensors file with one tensor per level, ``level<l>``: the level's (frames, h_l, w_l)
+indices coded losslessly by :mod:`omniflow.models.vq.entropy` (``coding``: range-coded under the
+``temporal`` or ``adaptive`` prior, or ``packed`` at the codebook's bit width), and a JSON header in its
+metadata (key ``omniflow_vq_codes``): the coding, the model export it was coded with, frame count, coded
+size, fps and the source file's name and size. It holds everything ``compress_video.py --decode`` needs to
+rebuild the video. Files of format 1 (indices stored raw, at the narrowest integer width) still load.
 """
 
 from __future__ import annotations
@@ -20,38 +21,41 @@ from safetensors.numpy import save_file
 
 from omniflow.runtime.errors import DataError
 
+from . import entropy
+
 HEADER_KEY = "omniflow_vq_codes"
-FORMAT = "omniflow-vq-codes/1"
+FORMAT = "omniflow-vq-codes/2"
+RAW_FORMAT = "omniflow-vq-codes/1"  # indices stored raw (earlier files)
 
 
 class CodesFileError(DataError):
     """A codes file that is unreadable, has no header, or whose levels do not match the header."""
 
 
-def index_dtype(codebook_size: int) -> np.dtype:
-    """The narrowest unsigned integer type that holds indices ``0 .. codebook_size - 1``."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if codebook_size - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise CodesFileError(f"codebook size {codebook_size} does not fit 32-bit indices")
-
-
 def save_codes(path: str | os.PathLike, levels: list[np.ndarray], codebook_sizes: list[int],
-               header: dict[str, Any]) -> Path:
-    """Write ``levels`` (one (frames, h, w) index array per level) and ``header`` to ``path``."""
+               header: dict[str, Any], coding: str = "temporal") -> Path:
+    """Write ``levels`` (one (frames, h, w) index array per level), coded with ``coding``, and ``header``."""
     if len(levels) != len(codebook_sizes):
         raise CodesFileError(f"{len(levels)} index levels but {len(codebook_sizes)} codebook sizes")
+    if coding not in entropy.CODINGS:
+        raise CodesFileError(f"coding {coding!r} is not one of {entropy.CODINGS}")
     tensors = {}
     for level, (indices, size) in enumerate(zip(levels, codebook_sizes)):
         if indices.size and (indices.min() < 0 or indices.max() >= size):
             raise CodesFileError(f"level {level} indices leave [0, {size})")
-        tensors[f"level{level}"] = np.ascontiguousarray(indices.astype(index_dtype(size)))
-    full_header = {"format": FORMAT, **header, "codebook_sizes": list(codebook_sizes),
-                   "level_shapes": [list(t.shape[1:]) for t in tensors.values()]}
+        tensors[f"level{level}"] = np.ascontiguousarray(entropy.encode(indices, size, coding))
+    full_header = {"format": FORMAT, **header, "coding": coding, "codebook_sizes": list(codebook_sizes),
+                   "frames": len(levels[0]), "level_shapes": [list(indices.shape[1:]) for indices in levels]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={HEADER_KEY: json.dumps(full_header)})
     return path
+
+
+def read_payload(path: str | os.PathLike) -> list[np.ndarray]:
+    """The coded level tensors of a codes file, as stored (what its bits per pixel are made of)."""
+    with safe_open(str(path), framework="numpy") as f:
+        return [f.get_tensor(key) for key in sorted(f.keys())]
 
 
 def load_codes(path: str | os.PathLike) -> tuple[list[np.ndarray], dict[str, Any]]:
@@ -72,4 +76,10 @@ def load_codes(path: str | os.PathLike) -> tuple[list[np.ndarray], dict[str, Any
     if any(a is None for a in levels) or len(arrays) != len(levels):
         raise CodesFileError(f"{path}: levels {sorted(arrays)} do not match the header's "
                              f"{len(header['codebook_sizes'])} codebook(s)")
-    return [a.astype(np.int64) for a in levels], header
+    if header["format"] == RAW_FORMAT:
+        return [a.astype(np.int64) for a in levels], header
+    if header["format"] != FORMAT or header.get("coding") not in entropy.CODINGS:
+        raise CodesFileError(f"{path}: format {header['format']!r}, coding {header.get('coding')!r}: not readable "
+                             f"here ({FORMAT} with one of {entropy.CODINGS})")
+    return [entropy.decode(data, (header["frames"], *shape), size, header["coding"])
+            for data, shape, size in zip(levels, header["level_shapes"], header["codebook_sizes"])], header

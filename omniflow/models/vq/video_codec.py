@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...data.video import frames_to_model_input, iter_frames, model_output_to_uint8, video_info, write_video
+from ...data.video import (frames_to_model_input, iter_frames, model_output_to_uint8, video_info, video_stream_bytes,
+                           write_video)
 from ...runtime.errors import CheckpointError, ConfigError, DataError
 from ...runtime.tracking import progress
 from .base import VQConfigError, VQTokenizer
-from .codes import CodesFileError, load_codes, save_codes
+from .codes import CodesFileError, load_codes, read_payload, save_codes
+from .entropy import bit_width
 from .registry import load_vq_model
 
 
@@ -108,7 +110,7 @@ def compress(opts, device: torch.device) -> dict:
     header = {"model": str(Path(opts.model).resolve()), "frames": frames, "height": height, "width": width,
               "fps": str(Fraction(info["fps"])), "source": {"name": source.name, "bytes": source.stat().st_size,
                                                             "height": info["height"], "width": info["width"]}}
-    save_codes(codes_path, levels, model.codebook_sizes, header)
+    save_codes(codes_path, levels, model.codebook_sizes, header, coding=opts.entropy_coding)
 
     reconstruction = PooledPSNR()
     reference = iter_frames(source, (height, width), opts.max_frames)
@@ -120,12 +122,17 @@ def compress(opts, device: torch.device) -> dict:
 
     pixels = frames * height * width
     codes_bytes = codes_path.stat().st_size
-    index_bits = sum(level[0].size * math.ceil(math.log2(size)) for level, size in zip(levels, model.codebook_sizes))
+    index_bits = sum(level.size * bit_width(size) for level, size in zip(levels, model.codebook_sizes))
+    payload_bytes = sum(tensor.nbytes for tensor in read_payload(codes_path))
+    source_bytes = video_stream_bytes(source, frames)  # the source's video packets of the same frames
     return {
         "input": str(source), "codes": str(codes_path), "output": str(output), "frames": frames,
-        "coded_size": [height, width], "source_bytes": header["source"]["bytes"], "codes_bytes": codes_bytes,
-        "bits_per_pixel": codes_bytes * 8 / pixels, "index_bits_per_pixel": index_bits / (height * width),
-        "compression_ratio_vs_source": header["source"]["bytes"] / codes_bytes,
+        "source_frames": info["frames"], "coded_size": [height, width], "coding": opts.entropy_coding,
+        "source_file_bytes": header["source"]["bytes"], "source_video_bytes": source_bytes,
+        "source_bits_per_source_pixel": source_bytes * 8 / (frames * info["height"] * info["width"]),
+        "codes_bytes": codes_bytes, "bits_per_pixel": codes_bytes * 8 / pixels,
+        "index_bits_per_pixel": index_bits / pixels, "entropy_coded_bits_per_pixel": payload_bytes * 8 / pixels,
+        "compression_ratio_vs_source": source_bytes / codes_bytes,
         "compression_ratio_vs_raw_rgb": pixels * 3 / codes_bytes,
         "psnr": reconstruction.psnr(), "psnr_output_video": written.psnr(),
     }
