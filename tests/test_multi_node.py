@@ -1,0 +1,94 @@
+"""Launching on several nodes: the multi-node accelerate configs and the SLURM launcher."""
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from runtime_helpers import REPO, env
+from vq_helpers import TRAIN_SCRIPT, tiny_config, train_vq, training_terms, validation_metrics, write_vq_data
+
+MULTI_NODE = ("multi_node_ddp", "multi_node_zero2", "multi_node_zero3")
+
+
+@pytest.mark.parametrize("name", MULTI_NODE)
+def test_multi_node_configs_load_as_accelerate_reads_them(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = REPO / "accelerate_configs" / f"{name}.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.num_machines > 1 and config.same_network is False and config.rdzv_backend == "static"
+    if name == "multi_node_ddp":
+        assert (config.distributed_type, config.mixed_precision) == ("MULTI_GPU", "bf16")
+    else:
+        ds = config.deepspeed_config
+        assert config.distributed_type == "DEEPSPEED" and ds["deepspeed_multinode_launcher"] == "standard"
+        assert (REPO / ds["deepspeed_config_file"]).is_file() and ds["deepspeed_config_file"].endswith(
+            f"zero{name[-1]}.json")
+        assert yaml.safe_load((REPO / ds["deepspeed_config_file"]).read_text())["bf16"]["enabled"] == "auto"
+
+
+def test_the_slurm_launcher_gives_each_node_its_rank_and_the_totals():
+    assert subprocess.run(["bash", "-n", str(REPO / "slurm" / "train.sbatch")]).returncode == 0
+    env = {**os.environ, "DRY_RUN": "1", "SLURM_NNODES": "4", "SLURM_NODEID": "3", "MASTER_ADDR": "10.0.0.7",
+           "GPUS_PER_NODE": "8", "ACCELERATE_CONFIG": "multi_node_zero2", "PYTHON": "python3"}
+    result = subprocess.run([str(REPO / "slurm" / "launch_node.sh"), "scripts/train_vqgan.py", "--config", "a b.json"],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(result.stdout) == [
+        "python3", "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/multi_node_zero2.yaml",
+        "--num_machines", "4", "--machine_rank", "3", "--num_processes", "32", "--main_process_ip", "10.0.0.7",
+        "--main_process_port", "29500", "scripts/train_vqgan.py", "--config", "a b.json"]
+    missing = subprocess.run([str(REPO / "slurm" / "launch_node.sh")], env={"PATH": os.environ["PATH"]},
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode != 0 and "run under srun" in missing.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_machines(script, *args, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """``script args`` as two "machines" on this host (CPU, gloo, one process each), node 0 at 127.0.0.1."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+         str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *map(str, args)],
+        env={**env(), "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO) for rank in (0, 1)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.mark.slow
+def test_two_machines_train_and_resume_like_one_machine_with_two_processes(tmp_path):
+    """train_vqgan.py (tiny VQGAN with its discriminator) as 2 machines x 1 process sharing one output folder:
+    the same per-step losses as 1 machine x 2 processes, logged once, and a resume from the step-2 checkpoint
+    continues with the same losses."""
+    data = write_vq_data(tmp_path / "data")
+    config = tiny_config("vqgan_vqmodel", tmp_path, data, {"batch_size": 2}, num_steps=4, save_interval=2,
+                         validation_interval=4, compute_fid=False)
+    one_machine = tmp_path / "one_machine"
+    train_vq(config, one_machine, processes=2)
+    two = tmp_path / "two_machines"
+    for result in launch_two_machines(TRAIN_SCRIPT, "--config", config, "--output_dir", two, "--logging_steps", 1):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert training_terms(two) == training_terms(one_machine)  # every step, both losses, logged once
+    assert validation_metrics(two) == validation_metrics(one_machine)
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    shutil.rmtree(two / "checkpoint-4")
+    for result in launch_two_machines(TRAIN_SCRIPT, "--config", config, "--output_dir", two, "--logging_steps", 1,
+                                      "--resume_from_checkpoint", "latest"):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert training_terms(two) == training_terms(one_machine)
