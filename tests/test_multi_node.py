@@ -54,13 +54,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_machines(script, *args, timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """``script args`` as two "machines" on this host (CPU, gloo, one process each), node 0 at 127.0.0.1."""
+def launch_two_machines(script, *args, output_dirs=None, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """``script args`` as two "machines" on this host (CPU, gloo, one process each), node 0 at 127.0.0.1;
+    ``output_dirs``: a different ``--output_dir`` per machine (node-local disks)."""
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
          str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *map(str, args)],
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *map(str, args),
+         *(["--output_dir", str(output_dirs[rank])] if output_dirs else [])],
         env={**env(), "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=REPO) for rank in (0, 1)]
     results = []
@@ -92,3 +94,31 @@ def test_two_machines_train_and_resume_like_one_machine_with_two_processes(tmp_p
                                       "--resume_from_checkpoint", "latest"):
         assert result.returncode == 0, result.stderr[-3000:]
     assert training_terms(two) == training_terms(one_machine)
+
+
+@pytest.mark.slow
+def test_two_machines_with_node_local_output_folders_checkpoint_and_resume_exactly(tmp_path):
+    """Each "machine" gets its own --output_dir (node-local scratch disks): both complete their checkpoints,
+    node 0 alone holds logs and exports, and `latest` resumes from the newest step complete on both."""
+    data = write_vq_data(tmp_path / "data")
+    config = tiny_config("vqgan_vqmodel", tmp_path, data, {"batch_size": 2}, num_steps=6, save_interval=2,
+                         validation_interval=6, compute_fid=False)
+    reference = tmp_path / "one_machine"
+    train_vq(config, reference, processes=2)
+    disks = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
+    for result in launch_two_machines(TRAIN_SCRIPT, "--config", config, "--logging_steps", 1, output_dirs=disks):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "is node-local" in (disks[0] / "train.log").read_text()
+    for disk in disks:
+        assert sorted(p.name for p in disk.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert (disks[0] / "final").is_dir() and not (disks[1] / "final").exists()
+    assert not (disks[1] / "metrics.jsonl").exists()
+    assert training_terms(disks[0]) == training_terms(reference)
+
+    # node 1 lost its newest checkpoint (say the node died before its rename): both resume from step 4
+    shutil.rmtree(disks[1] / "checkpoint-6")
+    for result in launch_two_machines(TRAIN_SCRIPT, "--config", config, "--logging_steps", 1,
+                                      "--resume_from_checkpoint", "latest", output_dirs=disks):
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in (disks[0] / "train.log").read_text() and "at step 4" in (disks[0] / "train.log").read_text()
+    assert training_terms(disks[0]) == training_terms(reference)

@@ -16,6 +16,11 @@ never runs code from a checkpoint. Loading first checks every file against the m
 missing, truncated or replaced file stops the run with one line naming it, so a resume is exact or
 it does not happen. Each save goes to ``checkpoint-<step>.tmp`` and is renamed only after every
 rank has finished writing: a crash mid-save never touches the last good checkpoint.
+
+On several nodes the output folder may be shared (one file system) or node-local (each node its own scratch
+disk; see :func:`output_shared_between_nodes`). On node-local disks (DDP) each node's first process writes the
+replicated files (weights, optimizer, schedulers, states) into its own disk's checkpoint, completes and prunes
+it there, and every rank restores from its own node's copy; ``latest`` is the newest step complete on every node.
 """
 from __future__ import annotations
 
@@ -73,6 +78,33 @@ def resolve_checkpoint(output_dir: str | os.PathLike, resume_from: str | None) -
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {resume_from}: no such checkpoint directory")
     return path
+
+
+def node_of(accelerator: Accelerator) -> tuple[int, int, int]:
+    """(this process's node, the number of nodes, processes per node), from torchrun's LOCAL_WORLD_SIZE."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return accelerator.process_index // per_node, max(1, accelerator.num_processes // per_node), per_node
+
+
+def output_shared_between_nodes(accelerator: Accelerator, output_dir: Path) -> bool:
+    """Whether every node sees the same ``output_dir``: each node's first process writes a marker named by a
+    token rank 0 drew, and the folder is shared when every node sees every node's marker."""
+    node, nodes, _ = node_of(accelerator)
+    if nodes == 1:
+        return True
+    token = torch.randint(0, 2**62, (1,), device=accelerator.device) if accelerator.is_main_process else \
+        torch.zeros(1, dtype=torch.long, device=accelerator.device)
+    token = int(accelerator.reduce(token, reduction="sum").item())
+    mine = output_dir / f".node-marker-{token}-{node}"
+    if accelerator.is_local_main_process:
+        mine.touch()
+    accelerator.wait_for_everyone()
+    sees_all = all((output_dir / f".node-marker-{token}-{n}").exists() for n in range(nodes))
+    shared = all_ranks_ok(accelerator, sees_all)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        mine.unlink(missing_ok=True)
+    return shared
 
 
 def _numbered(name: str, index: int) -> str:
@@ -140,6 +172,24 @@ class CheckpointManager:
         self.schedulers: list[Any] = []
         self.states: dict[str, Any] = {}
         self._saved_steps: set[int] = set()
+        self.shared = True  # set by use_node_local_disks()
+
+    def use_node_local_disks(self) -> None:
+        """Each node keeps complete checkpoints on its own disk (DDP; DeepSpeed's files assume one folder)."""
+        if self.deepspeed:
+            raise CheckpointError(f"--output_dir {self.output_dir} is not shared between the nodes (node-local "
+                                  "disks): supported with DDP; under DeepSpeed give a folder every node sees")
+        self.shared = False
+
+    @property
+    def leader(self) -> bool:
+        """The process that completes checkpoints on this folder: rank 0, or each node's first on local disks."""
+        return self.accelerator.is_main_process if self.shared else self.accelerator.is_local_main_process
+
+    def _leader_rank(self) -> int:
+        """The rank whose manifest lists the replicated files this rank reads."""
+        node, _, per_node = node_of(self.accelerator)
+        return 0 if self.shared else node * per_node
 
     # -- what is saved --------------------------------------------------------------------------
     def track(self, *prepared) -> None:
@@ -179,7 +229,7 @@ class CheckpointManager:
         if step in self._saved_steps:
             return final
         tmp = final.with_name(final.name + ".tmp")
-        if acc.is_main_process:
+        if self.leader:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
@@ -189,20 +239,21 @@ class CheckpointManager:
         except Exception as err:  # a full disk is OSError, RuntimeError (torch.save) or SafetensorError
             logger.debug("checkpoint write failed", exc_info=True)
             error = err
-        if not _all_ranks_ok(acc, error is None):
-            if acc.is_main_process:
+        if not all_ranks_ok(acc, error is None):
+            if self.leader:
                 shutil.rmtree(tmp, ignore_errors=True)
             acc.wait_for_everyone()
             kept = list_checkpoints(self.output_dir)
             reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
             raise CheckpointError(f"cannot write {final} ({reason}); the last good checkpoint is "
                                   f"{kept[-1] if kept else 'none'}")
-        if acc.is_main_process:
+        if self.leader:
             if final.exists():  # written by another run that got this far: this run's state replaces it
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._prune()
-            logger.info("saved checkpoint %s", final)
+            if acc.is_main_process:
+                logger.info("saved checkpoint %s%s", final, "" if self.shared else " (and on every node's disk)")
         acc.wait_for_everyone()
         self._saved_steps.add(step)
         return final
@@ -215,7 +266,7 @@ class CheckpointManager:
                 engine.save_checkpoint(str(folder), _numbered(DEEPSPEED_TAG, i))
             acc.wait_for_everyone()
             written += self._deepspeed_files(folder, rank)
-        if acc.is_main_process:
+        if self.leader:  # the replicated state: once per folder
             if not self.deepspeed:
                 for i, model in enumerate(self.models):
                     path = folder / f"{_numbered('model', i)}.safetensors"
@@ -280,7 +331,7 @@ class CheckpointManager:
 
     def _train_state(self, path: Path) -> dict:
         acc = self.accelerator
-        first = path / "train_state_rank0.json"
+        first = path / f"train_state_rank{self._leader_rank()}.json"
         if not first.is_file():
             pickles = sorted(p.name for p in path.glob("*.pkl"))
             hint = f" (it holds {', '.join(pickles)}: an older pickle-based layout, not loaded)" if pickles else ""
@@ -295,9 +346,11 @@ class CheckpointManager:
         """Every file this rank reads must be present and byte-identical to what was saved."""
         acc = self.accelerator
         entries = dict(_read_json(path / f"manifest_rank{acc.process_index}.json"))
-        if acc.process_index != 0:
+        leader = self._leader_rank()
+        if acc.process_index != leader:
             own = re.compile(r"_rank\d+\.|zero_pp_rank_\d+_")  # other ranks' files are theirs to check
-            entries.update({k: v for k, v in _read_json(path / "manifest_rank0.json").items() if not own.search(k)})
+            entries.update({k: v for k, v in _read_json(path / f"manifest_rank{leader}.json").items()
+                            if not own.search(k)})
         for name, expected in sorted(entries.items()):
             file = path / name
             if not file.is_file():
@@ -350,7 +403,7 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not readable JSON ({err})") from None
 
 
-def _all_ranks_ok(accelerator: Accelerator, ok: bool) -> bool:
+def all_ranks_ok(accelerator: Accelerator, ok: bool) -> bool:
     if accelerator.num_processes == 1:
         return ok
     flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)

@@ -35,8 +35,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import CheckpointManager, checkpoint_step, list_checkpoints, resolve_checkpoint
-from .errors import ConfigError, NonFiniteLossError
+from .checkpoint import (CheckpointManager, all_ranks_ok, checkpoint_step, list_checkpoints,
+                         output_shared_between_nodes, resolve_checkpoint)
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .export import CONFIG_NAME, WEIGHTS_NAME, export_weights
 from .launch import build_accelerator, set_deepspeed_micro_batch
 from .options import options_dict, save_config
@@ -125,7 +126,29 @@ class TrainingRun:
             tempfile.TemporaryFile(dir=out).close()
         except OSError as err:
             raise ConfigError(f"--output_dir {out} is not writable ({err.strerror or err})") from None
+        if not output_shared_between_nodes(self.accelerator, out):
+            self.checkpoints.use_node_local_disks()
+            logger.info("--output_dir %s is node-local (not shared between the nodes): each node keeps its own "
+                        "checkpoints; logs and exports are written on node 0", out)
+            if opts.resume_from_checkpoint == "latest":
+                resume = self._newest_on_every_node()
         return resume
+
+    def _newest_on_every_node(self) -> Path | None:
+        """``latest`` on node-local disks: the newest step every node completed, found on every node's disk."""
+        acc = self.accelerator
+        local = list_checkpoints(self.output_dir)
+        newest = torch.tensor([checkpoint_step(local[-1]) if local else -1], device=acc.device)
+        if acc.num_processes > 1:
+            torch.distributed.all_reduce(newest, op=torch.distributed.ReduceOp.MIN)
+        step = int(newest.item())
+        if step < 0:
+            return None
+        path = self.output_dir / f"checkpoint-{step}"
+        if not all_ranks_ok(acc, path.is_dir()):
+            raise CheckpointError(f"no checkpoint is complete on every node's --output_dir (the nodes' newest "
+                                  f"common step {step} is missing on some): resume from a shared copy")
+        return path
 
     def start(self, loader=None) -> int:
         """Begin writing the run: config.json, train.log, trackers; restore the checkpoint to resume, if
@@ -133,7 +156,7 @@ class TrainingRun:
         acc, out = self.accelerator, self.output_dir
         self._loader = loader
         resume = self._resume_path
-        if acc.is_main_process:
+        if self.checkpoints.leader:  # rank 0, and on node-local disks each node's first process
             if resume is None or resume.resolve().parent != out.resolve():
                 if earlier_run_outputs(out):
                     logger.warning("starting afresh: removing the outputs of the earlier run in %s", out)
@@ -144,6 +167,7 @@ class TrainingRun:
                         logger.warning("removing %s: this run continues from %s instead", later, resume.name)
                         shutil.rmtree(later)
             self.checkpoints.remove_incomplete()
+        if acc.is_main_process:
             attach_log_file(out, self._early_logs)
             save_config(out / "config.json", *self._options)
             logger.info("config written to %s", out / "config.json")
