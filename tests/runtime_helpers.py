@@ -1,6 +1,7 @@
 """Run the coordinate-MLP job (tests/assets) as a subprocess, as a user would."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,33 @@ def train_deepspeed(output_dir, stage: int, *extra) -> subprocess.CompletedProce
     if result.returncode != 0:
         raise AssertionError(f"DeepSpeed training failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_machines(script, *args, output_dirs=None, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """``script args`` as two "machines" on this host (CPU, gloo, one process each), node 0 at 127.0.0.1;
+    ``output_dirs``: a different ``--output_dir`` per machine (node-local disks)."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+         str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *map(str, args),
+         *(["--output_dir", str(output_dirs[rank])] if output_dirs else [])],
+        env={**env(), "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO) for rank in (0, 1)]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:  # a hung "machine" must not outlive the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results

@@ -2,14 +2,12 @@
 import os
 import shlex
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from runtime_helpers import REPO, env
+from runtime_helpers import REPO, launch_two_machines
 from vq_helpers import TRAIN_SCRIPT, tiny_config, train_vq, training_terms, validation_metrics, write_vq_data
 
 MULTI_NODE = ("multi_node_ddp", "multi_node_zero2", "multi_node_zero3")
@@ -46,30 +44,6 @@ def test_the_slurm_launcher_gives_each_node_its_rank_and_the_totals():
     missing = subprocess.run([str(REPO / "slurm" / "launch_node.sh")], env={"PATH": os.environ["PATH"]},
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode != 0 and "run under srun" in missing.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_two_machines(script, *args, output_dirs=None, timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """``script args`` as two "machines" on this host (CPU, gloo, one process each), node 0 at 127.0.0.1;
-    ``output_dirs``: a different ``--output_dir`` per machine (node-local disks)."""
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
-         str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *map(str, args),
-         *(["--output_dir", str(output_dirs[rank])] if output_dirs else [])],
-        env={**env(), "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=REPO) for rank in (0, 1)]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
 
 
 @pytest.mark.slow

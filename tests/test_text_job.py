@@ -20,7 +20,7 @@ from omniflow.text_job.model import TextJobModel
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from runtime_helpers import REPO, assert_pickle_free, error_line, metrics
+from runtime_helpers import REPO, assert_pickle_free, error_line, launch_two_machines, metrics
 from text_job_helpers import run_script, train_rows
 
 pytestmark = pytest.mark.slow
@@ -155,7 +155,7 @@ def test_the_grid_trains_through_accelerate_launch_and_refuses_other_settings(wo
     assert f"{out} holds a grid with other settings (train_args:" in line
 
 
-def test_two_processes_train_validate_export_and_resume_exactly(world, tmp_path):
+def test_two_processes_train_validate_export_and_resume_exactly_as_two_machines(world, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = [*world.model_args(), "--data_config", world.data["mixed"], *TRAIN, "--max_eval_samples", "3"]
     run_script("train_text.py", *args, "--output_dir", full, processes=2)
@@ -169,9 +169,13 @@ def test_two_processes_train_validate_export_and_resume_exactly(world, tmp_path)
     assert set(one) == {k for k in validation[1] if k.startswith("val/")}
     for key, value in one.items():  # float32 terms of other batch compositions, summed in float64
         assert validation[1][key] == pytest.approx(value, rel=1e-5), key
-    run_script("train_text.py", *args, "--output_dir", resumed, "--resume_from_checkpoint", full / "checkpoint-2",
-               processes=2)
+    # the resume runs as two machines on this host (one process each): the same steps, logged once, and the
+    # same validation over the whole set at step 4
+    for result in launch_two_machines(REPO / "scripts" / "train_text.py", *args, "--output_dir", resumed,
+                                      "--resume_from_checkpoint", full / "checkpoint-2"):
+        assert result.returncode == 0, result.stderr[-3000:]
     assert train_rows(resumed) == [row for row in train_rows(full) if row["step"] > 2]
+    assert [m for m in metrics(resumed) if "val/loss" in m] == [m for m in validation if m["step"] == 4]
 
 
 def validate_in_one_process(world, head, max_eval_samples: int) -> dict[str, float]:
