@@ -114,6 +114,7 @@ def main() -> None:
         raise ConfigError("--gradient_checkpointing is not implemented by train_vqgan.py (it would not save memory "
                           "as asked); lower data_args.batch_size or use --mixed_precision bf16")
     import torch
+    from accelerate.utils import broadcast_object_list
     from torchvision.utils import save_image
 
     from omniflow.data import ResumableLoader
@@ -175,7 +176,8 @@ def main() -> None:
                                      world_size=acc.num_processes, num_workers=train_opts.dataloader_num_workers)
     else:
         logger.info("no validation data (data_process.valid): validation and best-model exports are off")
-    best = BestMetrics(run.output_dir, acc.is_main_process)
+    best = BestMetrics(run.output_dir, acc.is_main_process,
+                       broadcast=broadcast_object_list if acc.num_processes > 1 else None)
     run.start(loader)
     if acc.is_main_process:
         (run.output_dir / "param.json").write_text(json.dumps(params.resolved(), indent=2) + "\n")

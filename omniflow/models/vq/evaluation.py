@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -135,9 +135,11 @@ class BestMetrics:
 
     FILE = "best_metrics.jsonl"
 
-    def __init__(self, output_dir: str | Path, is_main: bool) -> None:
+    def __init__(self, output_dir: str | Path, is_main: bool,
+                 broadcast: Callable[[list], list] | None = None) -> None:
         self.path = Path(output_dir) / self.FILE
         self.is_main = is_main
+        self.broadcast = broadcast  # e.g. accelerate's broadcast_object_list: rank 0's decision for every rank
         self.best: dict[str, tuple[float, int]] = {}  # metric -> (value, step)
 
     def restore(self, checkpoint_dir: str | Path | None, step: int) -> None:
@@ -166,8 +168,11 @@ class BestMetrics:
         return value > old if BEST_METRICS[name] else value < old
 
     def update(self, step: int, metrics: dict[str, float]) -> list[str]:
-        """Record the metrics of ``step``; returns the names that improved (same on every rank)."""
+        """Record the metrics of ``step``; returns the names that improved, rank 0's list on every rank (the
+        exports that follow are collective; on node-local disks only node 0 holds the history)."""
         improved = [name for name in BEST_METRICS if name in metrics and self._better(name, metrics[name])]
+        if self.broadcast is not None:
+            improved = self.broadcast([improved])[0]
         for name in improved:
             self.best[name] = (metrics[name], step)
             if self.is_main:
