@@ -1,9 +1,11 @@
 """Run the coordinate-MLP job (tests/assets) as a subprocess, as a user would."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,9 +96,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_machines(script, *args, output_dirs=None, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def launch_two_machines(script, *args, output_dirs=None, stop_when=None,
+                        timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """``script args`` as two "machines" on this host (CPU, gloo, one process each), node 0 at 127.0.0.1;
-    ``output_dirs``: a different ``--output_dir`` per machine (node-local disks)."""
+    ``output_dirs``: a different ``--output_dir`` per machine (node-local disks); ``stop_when``: once this
+    returns True, SIGTERM goes to both machines' launchers (as SLURM signals every node before its time limit),
+    which pass it to their processes."""
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
@@ -107,6 +112,12 @@ def launch_two_machines(script, *args, output_dirs=None, timeout: int = 300) -> 
         cwd=REPO) for rank in (0, 1)]
     results = []
     try:
+        if stop_when is not None:
+            deadline = time.monotonic() + timeout
+            while not stop_when() and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+                time.sleep(0.02)
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
         for proc in procs:
             out, err = proc.communicate(timeout=timeout)
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
@@ -116,3 +127,10 @@ def launch_two_machines(script, *args, output_dirs=None, timeout: int = 300) -> 
                 proc.kill()
                 proc.wait()
     return results
+
+
+def logged_steps(output_dir) -> list[int]:
+    """The steps of metrics.jsonl's rows so far (none while the file does not exist)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]  # the last may be half written

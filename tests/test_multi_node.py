@@ -1,5 +1,6 @@
 """Launching on several nodes: the multi-node accelerate configs and the SLURM launcher."""
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -7,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from runtime_helpers import REPO, launch_two_machines
+from runtime_helpers import REPO, launch_two_machines, logged_steps
 from vq_helpers import TRAIN_SCRIPT, tiny_config, train_vq, training_terms, validation_metrics, write_vq_data
 
 MULTI_NODE = ("multi_node_ddp", "multi_node_zero2", "multi_node_zero3")
@@ -47,27 +48,28 @@ def test_the_slurm_launcher_gives_each_node_its_rank_and_the_totals():
 
 
 @pytest.mark.slow
-def test_two_machines_train_and_resume_like_one_machine_with_two_processes(tmp_path):
-    """train_vqgan.py (tiny VQGAN with its discriminator) as 2 machines x 1 process sharing one output folder:
-    the same per-step losses as 1 machine x 2 processes, logged once, and a resume from the step-2 checkpoint
-    continues with the same losses."""
+def test_two_machines_stopped_by_sigterm_resume_like_one_machine_with_two_processes(tmp_path):
+    """train_vqgan.py (tiny VQGAN with its discriminator) as 2 machines x 1 process sharing one output folder,
+    SIGTERM to both machines once a step is logged: both stop at the same step with a checkpoint, and the resumed
+    run logs (once) the per-step losses and validations of 1 machine x 2 processes."""
     data = write_vq_data(tmp_path / "data")
-    config = tiny_config("vqgan_vqmodel", tmp_path, data, {"batch_size": 2}, num_steps=4, save_interval=2,
+    config = tiny_config("vqgan_vqmodel", tmp_path, data, {"batch_size": 2}, num_steps=8, save_interval=4,
                          validation_interval=4, compute_fid=False)
     one_machine = tmp_path / "one_machine"
     train_vq(config, one_machine, processes=2)
     two = tmp_path / "two_machines"
-    for result in launch_two_machines(TRAIN_SCRIPT, "--config", config, "--output_dir", two, "--logging_steps", 1):
+    args = [TRAIN_SCRIPT, "--config", config, "--output_dir", two, "--logging_steps", 1]
+    stopped = launch_two_machines(*args, stop_when=lambda: logged_steps(two))
+    step = int(re.search(r"stopped by signal 15 at step (\d+)", stopped[0].stderr)[1])
+    assert 0 < step < 8 and all(result.returncode != 0 for result in stopped), stopped[0].stderr[-3000:]
+    assert f"checkpoint-{step}" in [p.name for p in two.glob("checkpoint-*")]
+    assert sorted(logged_steps(two)) == sorted([*range(1, step + 1), *([4] if step >= 4 else [])])  # validation at 4
+
+    for result in launch_two_machines(*args, "--resume_from_checkpoint", "latest"):
         assert result.returncode == 0, result.stderr[-3000:]
     assert training_terms(two) == training_terms(one_machine)  # every step, both losses, logged once
     assert validation_metrics(two) == validation_metrics(one_machine)
-    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-
-    shutil.rmtree(two / "checkpoint-4")
-    for result in launch_two_machines(TRAIN_SCRIPT, "--config", config, "--output_dir", two, "--logging_steps", 1,
-                                      "--resume_from_checkpoint", "latest"):
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert training_terms(two) == training_terms(one_machine)
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == sorted({f"checkpoint-{s}" for s in (step, 4, 8)})
 
 
 @pytest.mark.slow

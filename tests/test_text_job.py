@@ -3,6 +3,7 @@ head variants with train_text.py (train, save, resume, export, samples), generat
 head), eval_text.py, the grid's report, learning, and the one-line errors."""
 import json
 import math
+import re
 import runpy
 import shutil
 
@@ -20,7 +21,7 @@ from omniflow.text_job.model import TextJobModel
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from runtime_helpers import REPO, assert_pickle_free, error_line, launch_two_machines, metrics
+from runtime_helpers import REPO, assert_pickle_free, error_line, launch_two_machines, logged_steps, metrics
 from text_job_helpers import run_script, train_rows
 
 pytestmark = pytest.mark.slow
@@ -155,7 +156,7 @@ def test_the_grid_trains_through_accelerate_launch_and_refuses_other_settings(wo
     assert f"{out} holds a grid with other settings (train_args:" in line
 
 
-def test_two_processes_train_validate_export_and_resume_exactly_as_two_machines(world, tmp_path):
+def test_two_processes_train_validate_export_and_two_machines_stop_and_resume_exactly(world, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = [*world.model_args(), "--data_config", world.data["mixed"], *TRAIN, "--max_eval_samples", "3"]
     run_script("train_text.py", *args, "--output_dir", full, processes=2)
@@ -169,13 +170,16 @@ def test_two_processes_train_validate_export_and_resume_exactly_as_two_machines(
     assert set(one) == {k for k in validation[1] if k.startswith("val/")}
     for key, value in one.items():  # float32 terms of other batch compositions, summed in float64
         assert validation[1][key] == pytest.approx(value, rel=1e-5), key
-    # the resume runs as two machines on this host (one process each): the same steps, logged once, and the
-    # same validation over the whole set at step 4
-    for result in launch_two_machines(REPO / "scripts" / "train_text.py", *args, "--output_dir", resumed,
-                                      "--resume_from_checkpoint", full / "checkpoint-2"):
+    # as two machines on this host (one process each), stopped by SIGTERM to both once a step is logged, then
+    # resumed: the same steps, logged once, and the same validation over the whole set at steps 2 and 4
+    two = [REPO / "scripts" / "train_text.py", *args, "--output_dir", resumed]
+    stopped = launch_two_machines(*two, stop_when=lambda: logged_steps(resumed))
+    step = int(re.search(r"stopped by signal 15 at step (\d+)", stopped[0].stderr)[1])
+    assert step < STEPS and (resumed / f"checkpoint-{step}").is_dir(), stopped[0].stderr[-3000:]
+    for result in launch_two_machines(*two, "--resume_from_checkpoint", "latest"):
         assert result.returncode == 0, result.stderr[-3000:]
-    assert train_rows(resumed) == [row for row in train_rows(full) if row["step"] > 2]
-    assert [m for m in metrics(resumed) if "val/loss" in m] == [m for m in validation if m["step"] == 4]
+    assert train_rows(resumed) == train_rows(full)
+    assert [m for m in metrics(resumed) if "val/loss" in m] == validation
 
 
 def validate_in_one_process(world, head, max_eval_samples: int) -> dict[str, float]:
