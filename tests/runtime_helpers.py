@@ -30,8 +30,8 @@ def launch(script: Path, processes: int = 1) -> tuple[list[str], dict]:
 def run_script(script: Path, *args, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
     """Runs ``script args`` as a user would (see :func:`launch`); a failure shows the end of its stderr."""
     cmd, run_env = launch(script, processes)
-    result = subprocess.run([*cmd, *map(str, args)], env=run_env, capture_output=True, text=True, timeout=600,
-                            **{"cwd": REPO, **popen})
+    result = subprocess.run([*cmd, *map(str, args)], env=run_env, capture_output=True, text=True,
+                            **{"cwd": REPO, "timeout": 600, **popen})
     if check and result.returncode != 0:
         raise AssertionError(f"{script.name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result

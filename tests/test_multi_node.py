@@ -4,11 +4,13 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 
 import pytest
 import yaml
 
-from runtime_helpers import REPO, launch_two_machines, logged_steps
+from omniflow.runtime.checkpoint import list_checkpoints
+from runtime_helpers import COMMON, REPO, SCRIPT, launch_two_machines, logged_steps, losses, train
 from vq_helpers import TRAIN_SCRIPT, tiny_config, train_vq, training_terms, validation_metrics, write_vq_data
 
 MULTI_NODE = ("multi_node_ddp", "multi_node_zero2", "multi_node_zero3")
@@ -99,3 +101,52 @@ def test_two_machines_with_node_local_output_folders_checkpoint_and_resume_exact
     assert "resumed from" in (disks[0] / "train.log").read_text() and "at step 4" in (disks[0] / "train.log").read_text()
     assert training_terms(disks[0]) == training_terms(reference)
     assert validation_metrics(disks[0]) == validation_metrics(reference)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """The coordinate-MLP job, 12 steps, one machine x 2 processes, checkpoints every 2 steps."""
+    out = tmp_path_factory.mktemp("two_process_run")
+    train(out, "--checkpointing_steps", "2", processes=2)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank0", ["in_a_collective", "busy_alone"])
+def test_a_rank_that_raises_stops_the_other_machine_with_one_line_naming_it(two_process_run, tmp_path, rank0):
+    """Rank 1 (node 1) raises in step 5. Rank 0 stops within seconds, whether its collective breaks (gloo sees the
+    socket close) or it is busy alone (as a rank blocked in an NCCL collective, which only a timeout would end):
+    one line names rank 1 and the last checkpoint, which resumes exactly."""
+    hang = ["--hang_at_step", "5", "--hang_rank", "0"] if rank0 == "busy_alone" else []  # until SIGTERM
+    started = time.monotonic()
+    results = launch_two_machines(SCRIPT, "--output_dir", tmp_path, *COMMON, "--checkpointing_steps", "2",
+                                  "--fail_at_step", "5", "--fail_rank", "1", *hang, timeout=120)
+    assert time.monotonic() - started < 120 and all(result.returncode != 0 for result in results)
+    assert "RuntimeError: test hook: rank 1 fails in step 5" in results[1].stderr
+    lines = [line for line in results[0].stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, results[0].stderr[-3000:]
+    assert re.fullmatch(
+        r"error: rank 1 \(node 1, host .+\) failed after step 4: RuntimeError: test hook: rank 1 fails in step 5; "
+        r"rank 0 \(node 0, host .+\) stopped with it after step 4; the last complete checkpoint is "
+        + re.escape(str(tmp_path / "checkpoint-4")) + r" \(--resume_from_checkpoint latest\)", lines[0]), lines[0]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+    if rank0 == "in_a_collective":
+        train(tmp_path, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", processes=2)
+        assert losses(tmp_path) == losses(two_process_run)
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_stops_the_others_after_ddp_timeout(tmp_path):
+    """Rank 1 stands still in step 5 without a word: rank 0's next collective gives up after --ddp_timeout and
+    says so in one line with the last checkpoint (then the launcher stops rank 1)."""
+    started = time.monotonic()
+    result = train(tmp_path, "--checkpointing_steps", "2", "--hang_at_step", "5", "--hang_rank", "1",
+                   "--ddp_timeout", "5", processes=2, check=False, timeout=120)
+    assert time.monotonic() - started < 120 and result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: rank 0 \(node 0, host .+\) stopped after step 4: a collective with the other ranks failed \(.*"
+        r"Timed out.*\); no rank reported an error: one died, hangs or lost its node \(collectives wait "
+        r"--ddp_timeout 5 s\); the last complete checkpoint is " + re.escape(str(tmp_path / "checkpoint-4"))
+        + r" \(--resume_from_checkpoint latest\)", lines[0]), lines[0]

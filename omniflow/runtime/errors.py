@@ -39,11 +39,28 @@ class NonFiniteLossError(OmniflowError, FloatingPointError):
 _USER_FACING = (OmniflowError, OSError)
 
 
+# Called with the exception that ends ``main`` (see failures.FailureWatch): a hook may return the one line to stop
+# with instead of the exception's own report (this rank's collective failed because another rank did).
+_error_hooks: list[Callable[[BaseException], str | None]] = []
+
+
+def add_error_hook(hook: Callable[[BaseException], str | None]) -> None:
+    _error_hooks.append(hook)
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Call ``main()``; turn user-facing errors into one stderr line and exit code 2."""
     try:
         main()
-    except _USER_FACING as err:
+    except Exception as err:
+        for hook in _error_hooks:
+            line = hook(err)
+            if line is not None:
+                logger.debug("".join(traceback.format_exception(err)))
+                print(line, file=sys.stderr, flush=True)
+                sys.exit(1)
+        if not isinstance(err, _USER_FACING):
+            raise
         logger.debug("".join(traceback.format_exception(err)))
         name = type(err).__name__
         print(f"error: {name}: {err}", file=sys.stderr, flush=True)

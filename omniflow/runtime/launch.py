@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from .errors import ConfigError
 
@@ -38,12 +39,14 @@ def build_accelerator(
     logging_dir: str = "logs",
     seed: int | None = 0,
     allow_tf32: bool = True,
+    ddp_timeout_s: int | None = None,
 ) -> Accelerator:
     """An Accelerator whose schedulers step once per optimizer step, whatever the process count.
 
     accelerate's default steps a prepared scheduler ``num_processes`` times per call; we keep
     schedules in optimizer steps instead (``step_scheduler_with_optimizer=False``) and step
-    them ourselves only after a real optimizer step.
+    them ourselves only after a real optimizer step. ``ddp_timeout_s``: how long a collective waits for the
+    other ranks (torch's default otherwise: 10 minutes with NCCL, 30 with gloo).
     """
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
@@ -56,6 +59,7 @@ def build_accelerator(
         log_with=trackers_for(report_to) or None,
         project_config=project,
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=ddp_timeout_s))] if ddp_timeout_s else None,
     )
     if seed is not None:
         # Different per rank so that noise/dropout differ between ranks; data order is seeded separately.

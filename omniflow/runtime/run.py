@@ -39,6 +39,7 @@ from .checkpoint import (CheckpointManager, all_ranks_ok, checkpoint_step, list_
                          output_shared_between_nodes, resolve_checkpoint)
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .export import CONFIG_NAME, WEIGHTS_NAME, export_weights
+from .failures import FailureWatch
 from .launch import build_accelerator, set_deepspeed_micro_batch
 from .options import options_dict, save_config
 from .tracking import MetricsWriter, Throughput, attach_log_file, buffer_logs, progress, setup_logging
@@ -55,7 +56,9 @@ class TrainingRun:
         self.accelerator = acc = build_accelerator(
             self.output_dir, mixed_precision=opts.mixed_precision,
             gradient_accumulation_steps=opts.gradient_accumulation_steps, report_to=opts.report_to,
-            logging_dir=opts.logging_dir, seed=opts.seed, allow_tf32=opts.allow_tf32)
+            logging_dir=opts.logging_dir, seed=opts.seed, allow_tf32=opts.allow_tf32, ddp_timeout_s=opts.ddp_timeout)
+        self.step = 0
+        FailureWatch.start(acc, self.output_dir, lambda: self.step, opts.ddp_timeout)
         setup_logging(None, acc.is_main_process)
         self._early_logs = buffer_logs() if acc.is_main_process else None  # train.log is opened by start()
         if micro_batch_size is not None:
@@ -68,7 +71,6 @@ class TrainingRun:
             self.checkpoints.verify(self._resume_path)  # before models load: a bad checkpoint fails in seconds
         self.metrics = MetricsWriter(acc, self.output_dir)
         self.throughput = Throughput(acc)
-        self.step = 0
         self.stopped_by_signal = False
         self._loader = None
         self._sums: dict[str, float] = {}

@@ -38,9 +38,12 @@ class TrainingOptions:
     logging_dir: str = field(default="logs", metadata={"help": "tracker directory, relative to output_dir"})
     tracker_project_name: str = field(default="omniflow", metadata={"help": "project name for the trackers"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loading worker processes"})
+    ddp_timeout: int = field(default=1800, metadata={
+        "help": "seconds a collective waits for the other ranks before this rank stops (a rank that died or "
+                "hangs); raise it when one rank works alone longer (e.g. a long validation on rank 0)"})
 
     def validate(self) -> None:
-        for name in ("gradient_accumulation_steps", "checkpointing_steps", "logging_steps"):
+        for name in ("gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:

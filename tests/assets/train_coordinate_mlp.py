@@ -7,6 +7,7 @@ signals, metrics and the export exactly as the product scripts do.
 """
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,10 @@ class CoordOptions:
     init_weights: str = field(default="", metadata={"help": "start from these exported weights (an export folder)"})
     nan_at_step: int = field(default=0, metadata={"help": "test hook: make the loss NaN at this step"})
     sleep_per_step: float = field(default=0.0, metadata={"help": "test hook: seconds to sleep per step"})
+    fail_at_step: int = field(default=0, metadata={"help": "test hook: raise in this step on --fail_rank"})
+    fail_rank: int = field(default=0, metadata={"help": "test hook: the rank --fail_at_step raises on"})
+    hang_at_step: int = field(default=0, metadata={"help": "test hook: wait for SIGTERM in this step on --hang_rank"})
+    hang_rank: int = field(default=0, metadata={"help": "test hook: the rank --hang_at_step sleeps on"})
 
 
 def build_dataset(size: int) -> datasets.Dataset:
@@ -59,6 +64,13 @@ class LossHistory:
 
     def load_state_dict(self, state: dict) -> None:
         self.lowest, self.steps = state["lowest"], state["steps"]
+
+
+def hang_until_sigterm():
+    """Stand still, as a rank stuck in a collective, until the launcher stops it (no checkpoint, no word)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.sigwait({signal.SIGTERM})
+    os._exit(128 + signal.SIGTERM)
 
 
 def collate(rows):
@@ -95,6 +107,10 @@ def main():
             loss = torch.nn.functional.mse_loss(pred.float(), batch["rgb"])
             if opts.nan_at_step and run.step + 1 == opts.nan_at_step:
                 loss = loss * math.nan
+            if acc.process_index == opts.fail_rank and run.step + 1 == opts.fail_at_step:
+                raise RuntimeError(f"test hook: rank {opts.fail_rank} fails in step {opts.fail_at_step}")
+            if acc.process_index == opts.hang_rank and run.step + 1 == opts.hang_at_step:
+                hang_until_sigterm()
             run.backward_and_step(loss, model, optimizer, scheduler)
         if run.end_step({"loss": loss}, samples=len(batch["rgb"])):
             history.update(loss)
