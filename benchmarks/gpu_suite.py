@@ -50,7 +50,7 @@ def zero_run(stage: int, work: Path, dry_run: bool) -> Part:
     """Two optimizer steps of train_text.py under the ZeRO-<stage> launch config, one process."""
     tiny = work / "tiny"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / f"accelerate_configs/zero{stage}.yaml"), "--num_processes", "1",
+               str(REPO / f"accelerate_configs/zero{stage}.yaml"), "--num_processes", "1", "--main_process_port", "0",
                str(REPO / "scripts/train_text.py"), "--model_path", str(tiny / "OmniFlow-tiny"),
                "--models_dir", str(tiny / "models"), "--data_config", "configs/text_head/tiny_example_data.json",
                "--use_text_decoder_head", "--max_train_steps", "2", "--batch_size", "2", "--eval_interval", "100",

@@ -9,7 +9,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# With pytest-xdist (-n 2) each worker gets one core's worth of threads.
+torch.set_num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,6 +20,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test gets the environment back as it found it: scripts run in-process set variables (train_vqgan's
+    --device cpu sets ACCELERATE_USE_CPU), which would otherwise change every later subprocess's launch."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def launch(script: Path, processes: int = 1) -> tuple[list[str], dict]:
     if processes == 1:
         return [sys.executable, str(script)], env()
     return ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+             "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
             {**env(), "ACCELERATE_USE_CPU": "true"})
 
 
@@ -81,7 +81,7 @@ def losses(output_dir) -> dict[int, tuple[float, float]]:
 def train_deepspeed(output_dir, stage: int, *extra) -> subprocess.CompletedProcess:
     """One CPU process under DeepSpeed ZeRO-<stage> through our accelerate config."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / f"accelerate_configs/zero{stage}.yaml"), "--num_processes", "1", str(SCRIPT),
+           str(REPO / f"accelerate_configs/zero{stage}.yaml"), "--num_processes", "1", "--main_process_port", "0", str(SCRIPT),
            "--output_dir", str(output_dir), "--mixed_precision", "no", *COMMON, *extra]
     result = subprocess.run(cmd, env={**env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
                             timeout=600, cwd=REPO)

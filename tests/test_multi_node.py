@@ -141,12 +141,12 @@ def test_a_rank_that_hangs_stops_the_others_after_ddp_timeout(tmp_path):
     says so in one line with the last checkpoint (then the launcher stops rank 1)."""
     started = time.monotonic()
     result = train(tmp_path, "--checkpointing_steps", "2", "--hang_at_step", "5", "--hang_rank", "1",
-                   "--ddp_timeout", "5", processes=2, check=False, timeout=120)
+                   "--ddp_timeout", "10", processes=2, check=False, timeout=120)
     assert time.monotonic() - started < 120 and result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr[-3000:]
     assert re.fullmatch(
         r"error: rank 0 \(node 0, host .+\) stopped after step 4: a collective with the other ranks failed \(.*"
         r"Timed out.*\); no rank reported an error: one died, hangs or lost its node \(collectives wait "
-        r"--ddp_timeout 5 s\); the last complete checkpoint is " + re.escape(str(tmp_path / "checkpoint-4"))
+        r"--ddp_timeout 10 s\); the last complete checkpoint is " + re.escape(str(tmp_path / "checkpoint-4"))
         + r" \(--resume_from_checkpoint latest\)", lines[0]), lines[0]

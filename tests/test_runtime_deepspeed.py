@@ -59,7 +59,7 @@ def test_frozen_models_stay_whole_under_zero3(tmp_path):
     from runtime_helpers import env
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs/zero3.yaml"),
-           "--num_processes", "1", str(REPO / "tests/assets/zero3_frozen_probe.py"), str(tmp_path / "gpt2"), str(tmp_path)]
+           "--num_processes", "1", "--main_process_port", "0", str(REPO / "tests/assets/zero3_frozen_probe.py"), str(tmp_path / "gpt2"), str(tmp_path)]
     result = subprocess.run(cmd, env={**env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

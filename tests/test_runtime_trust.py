@@ -117,7 +117,8 @@ def test_deepspeed_files_are_loaded_weights_only(stage, tmp_path):
     rewrite_manifest(checkpoint)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / f"accelerate_configs/zero{stage}.yaml"),
-         "--num_processes", "1", str(SCRIPT), "--output_dir", str(tmp_path / "resumed"), "--mixed_precision", "no",
+         "--num_processes", "1", "--main_process_port", "0", str(SCRIPT), "--output_dir", str(tmp_path / "resumed"),
+         "--mixed_precision", "no",
          "--report_to", "none", "--max_train_steps", "12", "--batch_size", "8", "--resume_from_checkpoint", str(checkpoint)],
         env={**env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode != 0 and not marker.exists()
@@ -276,7 +277,7 @@ def _rank_processes(launcher: psutil.Process) -> dict[int, psutil.Process]:
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(run12, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--output_dir", str(tmp_path),
+           "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--output_dir", str(tmp_path),
            "--logging_steps", "1", "--report_to", "none", "--max_train_steps", "12", "--batch_size", "8",
            "--checkpointing_steps", "1000", "--sleep_per_step", "0.5"]
     proc = subprocess.Popen(cmd, env={**env(), "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.DEVNULL,

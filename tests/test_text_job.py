@@ -147,7 +147,8 @@ def test_a_half_finished_grid_resumes_where_it_stopped(world, grid, tmp_path):
 def test_the_grid_trains_through_accelerate_launch_and_refuses_other_settings(world, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     out = tmp_path / "grid"
-    launch = "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    launch = ("accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --main_process_port 0 --mixed_precision no "
+              "--dynamo_backend no")
     short = [*GRID_TRAIN, "--max_train_steps", "2"]
     run_grid(world, out, "--variants", "baseline", "--launcher", launch, train=short)
     assert "2 process(es)" in (out / "baseline/train.log").read_text()

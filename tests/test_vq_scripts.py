@@ -191,7 +191,7 @@ def test_ddp_two_processes_bf16_metrics_cover_the_whole_validation_set(data, tmp
 def test_deepspeed_launch_is_refused_naming_the_ddp_config(data, tmp_path):
     config = tiny_config("dvae", tmp_path, data)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "accelerate_configs/zero2.yaml"), "--num_processes", "1", str(TRAIN_SCRIPT),
+           str(REPO / "accelerate_configs/zero2.yaml"), "--num_processes", "1", "--main_process_port", "0", str(TRAIN_SCRIPT),
            "--config", str(config), "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(cmd, env={**script_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
                             timeout=300, cwd=REPO)

@@ -164,7 +164,7 @@ def train_vq(config: Path, output_dir: Path, *extra: str, processes: int = 1,
     run_env = script_env()
     if processes > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", "29571", str(TRAIN_SCRIPT)]
+               "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", "0", str(TRAIN_SCRIPT)]
         run_env["ACCELERATE_USE_CPU"] = "true"
     cmd += ["--config", str(config), "--output_dir", str(output_dir), "--logging_steps", "1", *extra]
     result = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, cwd=REPO)
