@@ -75,30 +75,34 @@ def test_two_machines_stopped_by_sigterm_resume_like_one_machine_with_two_proces
 
 
 @pytest.mark.slow
-def test_two_machines_with_node_local_output_folders_checkpoint_and_resume_exactly(tmp_path):
-    """Each "machine" gets its own --output_dir (node-local scratch disks): both complete their checkpoints,
-    node 0 alone holds logs and exports, and `latest` resumes from the newest step complete on both."""
+def test_two_machines_with_node_local_output_folders_stop_on_sigterm_and_resume_exactly(tmp_path):
+    """Each "machine" gets its own --output_dir (node-local scratch disks), SIGTERM to both once step 3 is logged:
+    both complete their checkpoints, node 0 alone holds logs and exports, and `latest` resumes from the newest
+    step complete on both."""
     data = write_vq_data(tmp_path / "data")
     config = tiny_config("vqgan_vqmodel", tmp_path, data, {"batch_size": 2}, num_steps=6, save_interval=2,
                          validation_interval=2, compute_fid=False)  # best_* exports decided on rank 0 for all
     reference = tmp_path / "one_machine"
     train_vq(config, reference, processes=2)
     disks = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
-    for result in launch_two_machines(TRAIN_SCRIPT, "--config", config, "--logging_steps", 1, output_dirs=disks):
-        assert result.returncode == 0, result.stderr[-3000:]
+    args = [TRAIN_SCRIPT, "--config", config, "--logging_steps", 1]
+    stopped = launch_two_machines(*args, output_dirs=disks, stop_when=lambda: 3 in logged_steps(disks[0]))
+    step = int(re.search(r"stopped by signal 15 at step (\d+)", stopped[0].stderr)[1])
+    assert 3 <= step < 6 and all(result.returncode != 0 for result in stopped), stopped[0].stderr[-3000:]
     assert "is node-local" in (disks[0] / "train.log").read_text()
     for disk in disks:
-        assert sorted(p.name for p in disk.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    assert (disks[0] / "final").is_dir() and not (disks[1] / "final").exists()
-    assert not (disks[1] / "metrics.jsonl").exists()
-    assert training_terms(disks[0]) == training_terms(reference)
+        assert [p.name for p in list_checkpoints(disk)] == sorted({"checkpoint-2", f"checkpoint-{step}"},
+                                                                  key=lambda name: int(name.split("-")[1]))
+    assert not (disks[1] / "metrics.jsonl").exists() and not (disks[1] / "train.log").exists()
 
-    # node 1 lost its newest checkpoint (say the node died before its rename): both resume from step 4
-    shutil.rmtree(disks[1] / "checkpoint-6")
-    for result in launch_two_machines(TRAIN_SCRIPT, "--config", config, "--logging_steps", 1,
-                                      "--resume_from_checkpoint", "latest", output_dirs=disks):
+    # node 1 lost its newest checkpoint (say the node died before its rename): both resume from step 2
+    shutil.rmtree(disks[1] / f"checkpoint-{step}")
+    for result in launch_two_machines(*args, "--resume_from_checkpoint", "latest", output_dirs=disks):
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in (disks[0] / "train.log").read_text() and "at step 4" in (disks[0] / "train.log").read_text()
+    assert f"resumed from {disks[0] / 'checkpoint-2'} at step 2" in (disks[0] / "train.log").read_text()
+    for disk in disks:
+        assert [p.name for p in list_checkpoints(disk)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert (disks[0] / "final").is_dir() and not (disks[1] / "final").exists()
     assert training_terms(disks[0]) == training_terms(reference)
     assert validation_metrics(disks[0]) == validation_metrics(reference)
 
