@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from omniflow.models.vq.entropy import CODINGS  # numpy only: --help stays light
 from omniflow.runtime.errors import ConfigError, DataError, run_main
 from omniflow.runtime.options import parse_options
 
@@ -42,7 +43,7 @@ class CompressOptions:
     entropy_coding: str = field(default="temporal", metadata={
         "help": "lossless coding of the codes: range coding under the temporal (previous frame + adaptive "
                 "histogram) or adaptive (histogram) prior, or packed at the codebook's bit width",
-        "choices": ["temporal", "adaptive", "packed"]})
+        "choices": list(CODINGS)})
     crf: int = field(default=18, metadata={"help": "x264 quality of the output video (0: lossless luma)"})
     report: Optional[str] = field(default=None, metadata={"help": "also write the report as JSON to this file"})
 
