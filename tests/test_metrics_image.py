@@ -222,10 +222,11 @@ def test_gaussian_stats_accumulate_like_one_shot():
     stats = GaussianStats(5)
     for chunk in np.array_split(feats, [3, 4, 20]):  # ragged batches, one of size 1
         stats.add(torch.from_numpy(chunk).float())
-    mean, cov = stats.mean_cov()
+    mean, cov, count = stats.mean_cov()
     f32 = feats.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(mean, f32.mean(0), rtol=1e-12)
     np.testing.assert_allclose(cov, np.cov(f32, rowvar=False), rtol=1e-9)
+    assert count == 40
     with pytest.raises(ImageMetricInputError, match=r"\[N, 5\]"):
         stats.add(torch.zeros(2, 4))
 

@@ -399,7 +399,9 @@ class GaussianStats:
         self.outer += f.T @ f
         self.count += f.shape[0]
 
-    def mean_cov(self, all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def mean_cov(self, all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+        """The mean and covariance of the features (of every rank's, with ``all_gather``) and their count."""
         stats = [self.total, self.outer, self.count]
         if all_gather is not None:
             stats = [all_gather(s.unsqueeze(0)).sum(0) for s in stats]
@@ -408,7 +410,7 @@ class GaussianStats:
             raise ImageMetricInputError(f"FID needs at least 2 images per side, got {int(count)}")
         mean = total / count
         cov = (outer - count * np.outer(mean, mean)) / (count - 1)
-        return mean, cov
+        return mean, cov, int(count)
 
 
 class FIDMetric:
@@ -458,18 +460,14 @@ class FIDMetric:
         (self.real if real else self.fake).add(features)
 
     def compute(self) -> float:
-        mu_r, cov_r = self.real.mean_cov(self.all_gather)
-        mu_f, cov_f = self.fake.mean_cov(self.all_gather)
-        count = min(self._count(self.real), self._count(self.fake))
+        mu_r, cov_r, count_r = self.real.mean_cov(self.all_gather)
+        mu_f, cov_f, count_f = self.fake.mean_cov(self.all_gather)
+        count = min(count_r, count_f)
         if count < FID_FEATURE_DIM:
             logger.warning("FID on %d images: fewer than its %d feature dimensions, so the covariances are singular "
                            "and the value is far above what 50k images give; compare it only with FIDs on as many "
                            "images", count, FID_FEATURE_DIM)
         return frechet_distance(mu_r, cov_r, mu_f, cov_f)
-
-    def _count(self, stats: GaussianStats) -> int:
-        count = stats.count.unsqueeze(0)
-        return int((self.all_gather(count).sum() if self.all_gather is not None else count.sum()).item())
 
 
 # ---------------------------------------------------------------- codebook usage
