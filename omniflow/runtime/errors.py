@@ -49,19 +49,15 @@ def add_error_hook(hook: Callable[[BaseException], str | None]) -> None:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Call ``main()``; turn user-facing errors into one stderr line and exit code 2."""
+    """Call ``main()``; turn user-facing errors into one stderr line and exit code 2 (exit code 1 with a hook's
+    line: this rank stopped because another one failed)."""
     try:
         main()
     except Exception as err:
-        for hook in _error_hooks:
-            line = hook(err)
-            if line is not None:
-                logger.debug("".join(traceback.format_exception(err)))
-                print(line, file=sys.stderr, flush=True)
-                sys.exit(1)
-        if not isinstance(err, _USER_FACING):
+        stop_lines = (hook(err) for hook in _error_hooks)
+        line = next((found for found in stop_lines if found is not None), None)
+        if line is None and not isinstance(err, _USER_FACING):
             raise
         logger.debug("".join(traceback.format_exception(err)))
-        name = type(err).__name__
-        print(f"error: {name}: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print(line or f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        sys.exit(1 if line else 2)

@@ -91,7 +91,7 @@ class FailureWatch:
             report = waiting.get(self._key(self.rank)).decode()
         except Exception:  # the store closed: node 0's launcher ended, or this process is exiting
             return
-        if report == FINISHED or report.startswith(f"{self.name} ") or self._own_failure.wait(GRACE_SECONDS):
+        if report == FINISHED or self._is_own(report) or self._own_failure.wait(GRACE_SECONDS):
             return  # nothing failed, or this rank's own failure, reported by run_main
         line = self._stop_line(report, None)
         logger.debug(line)
@@ -108,7 +108,10 @@ class FailureWatch:
             report = self._store.get(FAILURE_KEY).decode()
         except Exception:  # the store is gone
             return None
-        return None if report.startswith(f"{self.name} ") else report
+        return None if self._is_own(report) else report
+
+    def _is_own(self, report: str) -> bool:
+        return report.startswith(f"{self.name} ")
 
     @staticmethod
     def _key(rank: int) -> str:
