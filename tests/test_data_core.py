@@ -1,4 +1,9 @@
 import json
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -9,6 +14,7 @@ from skimage import data as skdata
 
 from omniflow.data import ResumableLoader, load_hf_dataset
 from omniflow.runtime.errors import DataError
+from omniflow.runtime.run import TrainingOptions, TrainingRun
 
 
 def rows(n):
@@ -160,3 +166,55 @@ def test_pinning_keeps_the_batch_structure():
     out = pinned(batch)
     assert out.keys() == batch.keys() and out["b"][1] == "text" and torch.equal(out["c"][0], torch.arange(3))
     assert out["a"].is_pinned() and out["b"][0].is_pinned() and out["c"][0].is_pinned()
+
+
+@pytest.fixture
+def signal_handlers_restored():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def signal_mask(pid: int, mask: str, sig: int) -> bool:
+    """Whether ``sig`` is in process ``pid``'s ``mask``: SigIgn (ignored) or SigCgt (caught by a handler)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return bool(int(status[mask], 16) >> (sig - 1) & 1)
+
+
+def test_data_workers_of_a_training_run_stop_when_terminated(tmp_path, signal_handlers_restored):
+    """A training run defers SIGTERM/SIGINT to save a checkpoint; its forked data workers inherit the handler but
+    must stop when terminated, or the pool's exit (end of training) can wait for ever (seen as a hung resume)."""
+    TrainingRun(TrainingOptions(output_dir=str(tmp_path), report_to="none", mixed_precision="no"), micro_batch_size=1)
+    assert signal_mask(os.getpid(), "SigCgt", signal.SIGTERM)
+    loader = ResumableLoader(rows(40).to_iterable_dataset(num_shards=4), 4, collate_fn=list, seed=1,
+                             shuffle_buffer=8, num_workers=2, transform=tag_with_process)
+    batches = iter(loader)
+    next(batches)
+    workers = [p for p in multiprocessing.active_children() if "PoolWorker" in p.name]
+    assert len(workers) == 2
+
+    def started(worker):  # has run the pool's initializer
+        return signal_mask(worker.pid, "SigIgn", signal.SIGINT)
+
+    deadline = time.monotonic() + 20
+    while not all(map(started, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(map(started, workers))  # Ctrl-C is the training process's to handle
+    # SIGTERM is not caught: its default action ends a worker. (Not sent here: a worker killed outside the
+    # pool's own terminate can die holding the task queue's lock, and the pool then waits for ever.)
+    assert not any(signal_mask(w.pid, "SigCgt", signal.SIGTERM) for w in workers)
+    batches.close()  # terminates the pool: returns once every worker is gone
+    assert not [p for p in multiprocessing.active_children() if "PoolWorker" in p.name]
+    # Any other forked child (a DataLoader worker) stops on SIGTERM too.
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    child = fork.Process(target=lambda: (started.set(), time.sleep(60)), daemon=True)
+    child.start()
+    try:
+        assert started.wait(timeout=20)  # a signal that comes before Python's after-fork reset is dropped
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(timeout=20)
+        assert child.exitcode == -signal.SIGTERM
+    finally:
+        child.kill()

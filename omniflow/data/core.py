@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import multiprocessing
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -104,6 +105,13 @@ def _is_iterable(dataset: Any) -> bool:
 def prepare_batch(examples: list, transform: Callable | None, collate_fn: Callable) -> Any:
     """A streamed batch: each example transformed, then collated (in a worker process or in the caller)."""
     return collate_fn([transform(example) for example in examples] if transform is not None else examples)
+
+
+def _stream_worker_signals() -> None:
+    """A stream worker leaves Ctrl-C to the training process (a worker stopped mid-batch would lose that batch
+    and leave the pool waiting for it) and stops when the pool terminates it, whatever handlers it inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def pinned(batch: Any) -> Any:
@@ -268,7 +276,7 @@ class ResumableLoader:
 
     def _in_workers(self, batches: Iterator[tuple[list, dict]]) -> Iterator[tuple[Any, dict]]:
         """Prepared batches from ``num_workers`` processes, in order, at most two per worker in flight."""
-        with multiprocessing.get_context().Pool(self.num_workers) as pool:
+        with multiprocessing.get_context().Pool(self.num_workers, initializer=_stream_worker_signals) as pool:
             in_flight = collections.deque()
             for examples, position in batches:
                 in_flight.append((pool.apply_async(prepare_batch, (examples, self.transform, self.collate_fn)),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -85,6 +86,7 @@ class TrainingRun:
         self._derived: dict[str, Callable[[dict[str, float]], float]] = {}
         self._lrs: dict[str, float] = {}
         self._bar = None
+        self._pid = os.getpid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
@@ -406,6 +408,14 @@ class TrainingRun:
         return message
 
     def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # A forked child (a data worker) inherits this handler but holds no run to save: it must stop as
+            # signalled, else a parent that terminates it (multiprocessing.Pool's exit) waits for ever.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self._pending_signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self._pending_signal = signum
