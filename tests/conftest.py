@@ -14,6 +14,10 @@ torch.set_num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
 def pytest_collection_modifyitems(config, items):
+    # Files with end-to-end (slow) tests run first, a file's tests kept together: with -n 2 --dist loadfile the
+    # short files then fill the end, so both workers finish at about the same time.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
