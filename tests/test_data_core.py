@@ -182,6 +182,10 @@ def signal_mask(pid: int, mask: str, sig: int) -> bool:
     return bool(int(status[mask], 16) >> (sig - 1) & 1)
 
 
+def pool_workers() -> list:
+    return [p for p in multiprocessing.active_children() if "PoolWorker" in p.name]
+
+
 def test_data_workers_of_a_training_run_stop_when_terminated(tmp_path, signal_handlers_restored):
     """A training run defers SIGTERM/SIGINT to save a checkpoint; its forked data workers inherit the handler but
     must stop when terminated, or the pool's exit (end of training) can wait for ever (seen as a hung resume)."""
@@ -191,7 +195,7 @@ def test_data_workers_of_a_training_run_stop_when_terminated(tmp_path, signal_ha
                              shuffle_buffer=8, num_workers=2, transform=tag_with_process)
     batches = iter(loader)
     next(batches)
-    workers = [p for p in multiprocessing.active_children() if "PoolWorker" in p.name]
+    workers = pool_workers()
     assert len(workers) == 2
 
     def started(worker):  # has run the pool's initializer
@@ -205,14 +209,14 @@ def test_data_workers_of_a_training_run_stop_when_terminated(tmp_path, signal_ha
     # pool's own terminate can die holding the task queue's lock, and the pool then waits for ever.)
     assert not any(signal_mask(w.pid, "SigCgt", signal.SIGTERM) for w in workers)
     batches.close()  # terminates the pool: returns once every worker is gone
-    assert not [p for p in multiprocessing.active_children() if "PoolWorker" in p.name]
+    assert not pool_workers()
     # Any other forked child (a DataLoader worker) stops on SIGTERM too.
     fork = multiprocessing.get_context("fork")
-    started = fork.Event()
-    child = fork.Process(target=lambda: (started.set(), time.sleep(60)), daemon=True)
+    running = fork.Event()
+    child = fork.Process(target=lambda: (running.set(), time.sleep(60)), daemon=True)
     child.start()
     try:
-        assert started.wait(timeout=20)  # a signal that comes before Python's after-fork reset is dropped
+        assert running.wait(timeout=20)  # a signal that comes before Python's after-fork reset is dropped
         os.kill(child.pid, signal.SIGTERM)
         child.join(timeout=20)
         assert child.exitcode == -signal.SIGTERM
